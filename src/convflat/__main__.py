@@ -1,0 +1,5 @@
+import sys
+
+from convflat.cli import main
+
+sys.exit(main())

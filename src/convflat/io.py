@@ -1,0 +1,147 @@
+"""Floor 0: devices, atomic writes, provenance and batch iteration.
+
+Nothing here knows about models, configs or Snakemake. Every artifact convflat writes goes
+through :func:`atomic_write_json` or :func:`atomic_torch_save`, so a killed job never leaves a
+half-written file behind (the file is written next to its target and renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATUSES = ("ok", "diverged", "failed")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Map ``"auto"`` (or None) to CUDA when present, else CPU; validate anything else."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available")
+    return dev
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.device):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()  # numpy scalar
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON; tensors, numpy scalars and paths are converted.
+
+    NaN becomes null and infinities the strings "inf"/"-inf", so the file stays strict JSON.
+    """
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    return _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    return _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def provenance(
+    *, device: str | torch.device | None = None, seed: int | None = None,
+    seconds: float | None = None, status: str = "ok",
+) -> dict[str, Any]:
+    """The fields every JSON artifact carries (DESIGN.md, section 2)."""
+    import convflat
+
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    dev = None if device is None else str(device)
+    gpu = None
+    if dev is not None and dev.startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(dev))
+    return {
+        "convflat_version": convflat.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": dev,
+        "device_name": gpu or platform.processor() or platform.machine(),
+        "seed": seed,
+        "seconds": seconds,
+        "status": status,
+    }
+
+
+def iter_batches(
+    data: Any, batch_size: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches from a DataLoader, an iterable of pairs, or a pair of tensors.
+
+    A pair of tensors ``(X, Y)`` is split into batches of ``batch_size`` (default 256); any
+    other input is iterated as is (``batch_size`` is then ignored). Items may be tuples, lists,
+    or dicts with keys ``x``/``y``; extra tuple entries are ignored.
+    """
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], torch.Tensor)
+        and isinstance(data[1], torch.Tensor)
+    ):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"inputs and labels differ in length: {x.shape[0]} images, {y.shape[0]} labels"
+            )
+        bs = int(batch_size or 256)
+        if bs <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        for i in range(0, x.shape[0], bs):
+            yield x[i : i + bs], y[i : i + bs]
+        return
+    if isinstance(data, torch.Tensor):
+        raise TypeError("data is a single tensor; pass (inputs, labels) or a DataLoader")
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data of type {type(data).__name__} is not iterable")
+    for item in data:
+        if isinstance(item, dict):
+            yield item["x"], item["y"]
+        else:
+            yield item[0], item[1]
