@@ -1,1 +1,861 @@
-"""Placeholder replaced in the next commit."""
+r"""Exact Hessian trace, block traces and relative flatness of the conv that feeds GAP.
+
+Setting (see ``MATH.md`` beside the project for the full derivation). For one sample ``n`` the
+network splits into a fixed trunk that produces the input map ``X_n`` of the chosen
+convolution, the convolution itself, and a *head* that acts channel by channel and position by
+position before a global average pool (GAP) and one linear classifier::
+
+    X_n --conv(W, beta)--> a --(eval BN, residual add, sigma, ...)--> h --GAP--> g --(V, b)--> z
+
+With patches ``u_{n,p}`` (im2col of ``X_n``; ``F.unfold`` uses the ordering of
+``W.view(C, -1)``), ``a_{n,c,p} = <w_c, u_{n,p}> + beta_c``. The head being separable, the
+pooled feature ``g_{n,c}`` depends on the kernel only through its own filter ``w_c``, and
+
+* ``S_n[c,p] = d g_{n,c} / d a_{n,c,p}``  and  ``T_n[c,p] = d^2 g_{n,c} / d a_{n,c,p}^2``
+  come out of two backward passes through the (tiny) head alone;
+* ``J_{n,c} = sum_p S_n[c,p] u_{n,p}`` is ``d g_{n,c} / d w_c``;
+* with ``p_n = softmax(z_n)``, ``A_n = diag(p_n) - p_n p_n^T``, ``q_n = V^T (p_n - e_{y_n})``
+  and ``M_n = V^T A_n V``, the Hessian block between filters ``c`` and ``c'`` of the mean
+  cross-entropy ``L = (1/N) sum_n l_n`` is
+
+  .. math::
+     H_{c,c'} = \frac1N \sum_n \Big[ M_n[c,c']\, J_{n,c} J_{n,c'}^\top
+                + \delta_{cc'}\, q_n[c] \sum_p T_n[c,p]\, u_{n,p} u_{n,p}^\top \Big].
+
+Taking traces, with the patch Gram ``Q_n[p,p'] = <u_{n,p}, u_{n,p'}>``,
+
+.. math::
+   \mathrm{Tr}\,H_{c,c'} = \frac1N \sum_n \Big[ M_n[c,c'] (S_n Q_n S_n^\top)[c,c']
+        + \delta_{cc'}\, q_n[c] \sum_p T_n[c,p]\, Q_n[p,p] \Big],
+   \qquad \mathrm{Tr}\,H = \sum_c \mathrm{Tr}\,H_{c,c},
+
+and the conv-layer relative flatness (Petzka et al. 2021, neurons -> filters, arXiv
+2603.09016) is ``kappa = sum_{c,c'} <w_c, w_c'> Tr H_{c,c'}``. The second term is the
+``sigma''`` part: zero almost everywhere for piecewise-linear activations, kept for smooth ones,
+so the result is the exact Hessian trace and not only its Gauss-Newton part.
+
+Nothing here is estimated: the numbers equal those of the dense autograd Hessian (tests check
+this to 1e-9 in float64). The trunk runs once per batch without autograd; only the head after
+the conv is differentiated; sums are accumulated in float64 and the data are streamed, so
+peak memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from convflat.io import iter_batches, resolve_device
+
+__all__ = [
+    "CurvatureResult",
+    "Head",
+    "HeadBatch",
+    "OutOfClassError",
+    "classifier_curvature",
+    "exact_curvature",
+    "find_head",
+    "head_batch",
+]
+
+
+class OutOfClassError(ValueError):
+    """The model is not a CNN whose chosen conv feeds GAP and one linear layer through
+    channel-wise, position-wise ops; the message names the op that breaks the class."""
+
+
+# --------------------------------------------------------------------------------------------
+# Head detection: which ops may sit between the conv and the classifier
+# --------------------------------------------------------------------------------------------
+
+# Elementwise (channel-wise and position-wise) modules allowed between the conv and the GAP.
+# Each output element depends on exactly one input element, so the head is separable and its
+# Hessian in ``a`` is diagonal. Eval-mode BatchNorm is a per-channel affine map.
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish,
+    nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU,
+    nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
+    nn.BatchNorm2d,
+)
+# Piecewise-linear ones: their second derivative vanishes almost everywhere, so the sigma''
+# pass can be skipped (T = 0).
+_PIECEWISE_LINEAR_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU, nn.Identity, nn.Dropout,
+    nn.Dropout2d, nn.AlphaDropout, nn.BatchNorm2d,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu: True, torch.relu: True, F.relu6: True, F.leaky_relu: True, F.hardtanh: True,
+    F.dropout: True, F.dropout2d: True, F.gelu: False, F.silu: False, F.elu: False,
+    F.selu: False, F.celu: False, F.mish: False, F.softplus: False, torch.sigmoid: False,
+    F.sigmoid: False, torch.tanh: False, F.tanh: False, F.hardswish: False,
+    F.hardsigmoid: False,
+}  # function -> piecewise linear?
+_ELEMENTWISE_METHODS = {
+    "relu": True, "relu_": True, "sigmoid": False, "sigmoid_": False, "tanh": False,
+    "tanh_": False, "contiguous": True, "clone": True,
+}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub}
+_ADD_METHODS = {"add", "add_", "sub", "sub_"}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
+_MUL_METHODS = {"mul", "mul_", "div", "div_"}
+_FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
+_FLATTEN_METHODS = {"flatten", "view", "reshape", "squeeze"}
+_SHAPE_METHODS = {"size", "dim"}
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} module '{node.target}'"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"function '{name}' (node '{node.name}')"
+    if node.op == "call_method":
+        return f"method '.{node.target}()' (node '{node.name}')"
+    return f"{node.op} '{node.name}'"
+
+
+def _is_gap(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Global average pooling over H and W: AdaptiveAvgPool2d(1), adaptive_avg_pool2d(x, 1),
+    or a mean over dims (2, 3)."""
+
+    def _is_one(size) -> bool:
+        if isinstance(size, int):
+            return size == 1
+        return isinstance(size, (tuple, list)) and all(s == 1 for s in size)
+
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, nn.AdaptiveAvgPool2d) and _is_one(mod.output_size)
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return _is_one(size)
+    is_mean = (node.op == "call_function" and node.target is torch.mean) or (
+        node.op == "call_method" and node.target == "mean"
+    )
+    if is_mean:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dim, (tuple, list)):
+            return sorted(d % 4 for d in dim) == [2, 3]
+    return False
+
+
+@dataclass
+class Head:
+    """The chosen convolution and the classifier it feeds (see :func:`find_head`)."""
+
+    conv_name: str
+    conv: nn.Conv2d
+    linear_name: str
+    linear: nn.Linear
+    piecewise_linear: bool  # True when sigma'' vanishes a.e. on the head (ReLU-like only)
+    ops: list[str] = field(default_factory=list)  # the ops between conv and classifier
+    # fx plumbing (internal): the traced model, the conv node, region and external inputs
+    _gm: fx.GraphModule | None = field(default=None, repr=False)
+    _conv_node: fx.Node | None = field(default=None, repr=False)
+    _region: list[fx.Node] = field(default_factory=list, repr=False)
+    _externals: list[fx.Node] = field(default_factory=list, repr=False)
+    _feature_node: fx.Node | None = field(default=None, repr=False)
+    _linear_node: fx.Node | None = field(default=None, repr=False)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types; all mean "cannot verify the head"
+        raise OutOfClassError(
+            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
+            f"{exc}); convflat traces the forward to verify that the conv feeds global average "
+            "pooling and one linear layer, so the forward must be traceable (no data-dependent "
+            "Python control flow)"
+        ) from exc
+
+
+def _check_head(gm: fx.GraphModule, conv_node: fx.Node) -> Head:
+    """Verify that every op downstream of ``conv_node`` keeps the closed form exact.
+
+    States: "spatial" (between the conv and the GAP: only elementwise ops, a residual add of a
+    tensor that does not depend on the conv, scaling by such a tensor), "pooled" (after the GAP:
+    flatten, dropout), "logits" (the single Linear's output, which must be the model's output).
+    Shape queries (``x.size(0)``) are allowed anywhere and carry no dependence.
+    """
+    state: dict[fx.Node, str] = {conv_node: "spatial"}
+    shape_nodes: set[fx.Node] = set()
+    ops: list[str] = []
+    piecewise = True
+    linear_node: fx.Node | None = None
+    region: list[fx.Node] = []
+    conv_name = conv_node.target
+
+    def refuse(node: fx.Node, why: str) -> OutOfClassError:
+        return OutOfClassError(
+            f"conv layer '{conv_name}' is not in the class measured exactly: "
+            f"{_describe(node, gm)} {why}. The chosen conv must feed global average pooling "
+            "and one nn.Linear through channel-wise, position-wise ops only (eval BatchNorm, "
+            "elementwise activations, dropout, residual add of a tensor that does not depend "
+            "on the kernel, flatten). Pass layer= to choose another conv."
+        )
+
+    for node in gm.graph.nodes:
+        if node is conv_node or node.op in ("placeholder", "get_attr"):
+            continue
+        inputs = node.all_input_nodes
+        dep_inputs = [n for n in inputs if n in state]
+        shape_inputs = [n for n in inputs if n in shape_nodes]
+        if node.op == "output":
+            if dep_inputs:
+                out = node.args[0]
+                if out is not linear_node or linear_node is None:
+                    raise refuse(
+                        dep_inputs[0],
+                        "reaches the model's output without passing a global average pool "
+                        "and one nn.Linear (or the output is not the classifier's logits alone)",
+                    )
+            continue
+        if not dep_inputs:
+            if shape_inputs and node.op in ("call_function", "call_method"):
+                shape_nodes.add(node)  # arithmetic on shapes
+                region.append(node)
+            continue
+        region.append(node)
+        if (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
+            node.op == "call_function" and node.target is getattr
+        ):
+            shape_nodes.add(node)
+            continue
+        if len(dep_inputs) > 1:
+            raise refuse(
+                node,
+                "combines two tensors that both depend on the conv (filters or positions are "
+                "mixed, as in squeeze-and-excitation or a second branch)",
+            )
+        src = dep_inputs[0]
+        s = state[src]
+        if s == "logits":
+            raise refuse(
+                node,
+                f"follows nn.Linear '{linear_node.target}' on the pooled features: exactly one "
+                "nn.Linear must lead straight to the model's output (an MLP head, or "
+                "squeeze-and-excitation gating the features, is not in the class)",
+            )
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if s == "spatial" and isinstance(mod, _ELEMENTWISE_MODULES):
+                state[node] = "spatial"
+                piecewise &= isinstance(mod, _PIECEWISE_LINEAR_MODULES)
+            elif s == "spatial" and _is_gap(node, gm) or s == "pooled" and isinstance(mod, (nn.Flatten, nn.Dropout, nn.Identity)):
+                state[node] = "pooled"
+            elif s == "pooled" and isinstance(mod, nn.Linear):
+                if linear_node is not None:
+                    raise refuse(node, "is a second nn.Linear")
+                state[node] = "logits"
+                linear_node = node
+            elif isinstance(mod, nn.Conv2d):
+                raise refuse(node, "is a second convolution after the chosen one")
+            elif isinstance(mod, nn.Linear):
+                raise refuse(node, "is applied before global average pooling")
+            elif s == "pooled":
+                raise refuse(
+                    node, "is applied to the pooled features (an MLP head is not in the class)"
+                )
+            else:
+                raise refuse(node, "mixes positions or channels before global average pooling")
+        elif node.op == "call_function":
+            tgt = node.target
+            if s == "spatial" and tgt in _ELEMENTWISE_FUNCTIONS:
+                state[node] = "spatial"
+                piecewise &= _ELEMENTWISE_FUNCTIONS[tgt]
+            elif s == "spatial" and tgt in _ADD_FUNCTIONS:
+                if tgt in (operator.sub, operator.isub) and node.args[0] is not src:
+                    raise refuse(node, "negates the conv output (unsupported form)")
+                state[node] = "spatial"
+            elif s == "spatial" and tgt in _MUL_FUNCTIONS:
+                if tgt in (operator.truediv, torch.div) and node.args[0] is not src:
+                    raise refuse(node, "divides by the conv output")
+                state[node] = "spatial"
+            elif s == "spatial" and _is_gap(node, gm) or s == "pooled" and (tgt in _FLATTEN_FUNCTIONS or tgt in (F.dropout,)):
+                state[node] = "pooled"
+            elif s == "pooled" and tgt is F.linear:
+                raise refuse(node, "is a functional linear layer (use nn.Linear)")
+            elif tgt is F.conv2d:
+                raise refuse(node, "is a second convolution after the chosen one")
+            elif s == "pooled":
+                raise refuse(
+                    node, "is applied to the pooled features (an MLP head is not in the class)"
+                )
+            else:
+                raise refuse(node, "mixes positions or channels before global average pooling")
+        elif node.op == "call_method":
+            tgt = node.target
+            if s == "spatial" and tgt in _ELEMENTWISE_METHODS:
+                state[node] = "spatial"
+                piecewise &= _ELEMENTWISE_METHODS[tgt]
+            elif s == "spatial" and tgt in _ADD_METHODS | _MUL_METHODS:
+                if node.args[0] is not src and tgt.startswith(("sub", "div")):
+                    raise refuse(node, "has the conv output on the right-hand side")
+                state[node] = "spatial"
+            elif s == "spatial" and _is_gap(node, gm) or s == "pooled" and tgt in _FLATTEN_METHODS:
+                state[node] = "pooled"
+            elif s == "pooled":
+                raise refuse(
+                    node, "is applied to the pooled features (an MLP head is not in the class)"
+                )
+            else:
+                raise refuse(node, "mixes positions or channels before global average pooling")
+        else:  # pragma: no cover - fx has no other op kinds with inputs
+            raise refuse(node, "is an unsupported graph op")
+        ops.append(_describe(node, gm))
+
+    if linear_node is None:
+        raise OutOfClassError(
+            f"conv layer '{conv_name}' does not reach a global average pool followed by one "
+            "nn.Linear that produces the model's output"
+        )
+    externals: list[fx.Node] = []
+    region_set = set(region)
+    for node in region:
+        for inp in node.all_input_nodes:
+            if inp is conv_node or inp in region_set or inp.op == "get_attr":
+                continue
+            if inp not in externals:
+                externals.append(inp)
+    linear = gm.get_submodule(linear_node.target)
+    return Head(
+        conv_name=str(conv_name),
+        conv=gm.get_submodule(conv_node.target),
+        linear_name=str(linear_node.target),
+        linear=linear,
+        piecewise_linear=piecewise,
+        ops=ops,
+        _gm=gm,
+        _conv_node=conv_node,
+        _region=region,
+        _externals=externals,
+        _feature_node=linear_node.args[0],
+        _linear_node=linear_node,
+    )
+
+
+def _depths(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    depth: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        ins = node.all_input_nodes
+        depth[node] = 1 + max((depth[i] for i in ins), default=-1)
+    return depth
+
+
+def find_head(model: nn.Module, example_input: Any = None, *, layer: str | None = None) -> Head:
+    """Find the conv whose output feeds global average pooling and one linear classifier.
+
+    Without ``layer``, every ``nn.Conv2d`` is checked and, among those in the class, the one
+    deepest in the graph (longest path from the input; ties go to the later one) is chosen:
+    that is the main-branch conv of a final residual block, not a parallel shortcut conv.
+    ``layer`` names a module (as in ``model.named_modules()``) to measure instead.
+
+    ``example_input`` is accepted for API symmetry and ignored: the check is structural (a
+    torch.fx trace), so no data are needed. Raises :class:`OutOfClassError` naming the op that
+    breaks the class.
+    """
+    del example_input
+    gm = _trace(model)
+    conv_nodes = [
+        n for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)
+    ]
+    if layer is not None:
+        names = dict(model.named_modules())
+        if layer not in names:
+            raise OutOfClassError(f"layer={layer!r} is not a module of {type(model).__name__}")
+        if not isinstance(names[layer], nn.Conv2d):
+            raise OutOfClassError(
+                f"layer={layer!r} is a {type(names[layer]).__name__}, not an nn.Conv2d"
+            )
+        chosen = [n for n in conv_nodes if n.target == layer]
+        if not chosen:
+            raise OutOfClassError(f"layer={layer!r} is never called in the forward pass")
+        if len(chosen) > 1:
+            raise OutOfClassError(f"layer={layer!r} is called more than once in the forward")
+        return _check_head(gm, chosen[0])
+    if not conv_nodes:
+        raise OutOfClassError(f"{type(model).__name__} has no nn.Conv2d called in its forward")
+    depth = _depths(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ranked = sorted(conv_nodes, key=lambda n: (depth[n], order[n]), reverse=True)
+    first_error: OutOfClassError | None = None
+    for node in ranked:
+        if sum(1 for n in conv_nodes if n.target == node.target) > 1:
+            continue  # a conv module called twice shares its kernel between calls
+        try:
+            return _check_head(gm, node)
+        except OutOfClassError as exc:
+            if first_error is None:
+                first_error = exc
+    assert first_error is not None
+    raise first_error
+
+
+# --------------------------------------------------------------------------------------------
+# The measurement plan: a trunk that stops at the conv input, and a float64 copy of the head
+# --------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Compiled pieces for one (model, head, device, dtype).
+
+    ``trunk(x) -> (X, *externals)`` runs the model up to the conv input (the conv and the head
+    are removed by dead-code elimination), in the model's own dtype and without autograd.
+    ``head_fn(a, *externals) -> (g, z)`` is a copy of the head in the measurement dtype.
+    """
+
+    def __init__(self, model: nn.Module, head: Head, device: torch.device, dtype: torch.dtype):
+        gm = head._gm
+        assert gm is not None and head._conv_node is not None
+        self.head = head
+        self.device = device
+        self.dtype = dtype
+        conv = head.conv
+        # trunk: copy the graph, output (conv input, externals), drop everything unused
+        tg = fx.Graph()
+        vmap: dict[fx.Node, fx.Node] = {}
+        tg.graph_copy(gm.graph, vmap)
+        conv_in = head._conv_node.args[0]
+        if not isinstance(conv_in, fx.Node):
+            raise OutOfClassError(f"conv layer '{head.conv_name}' has a constant input")
+        tg.output(tuple([vmap[conv_in]] + [vmap[e] for e in head._externals]))
+        self.trunk = fx.GraphModule(gm, tg)
+        self.trunk.graph.eliminate_dead_code()  # needs the owning module for purity checks
+        self.trunk.recompile()
+        # head: placeholders for the conv output and the externals, region nodes copied
+        hg = fx.Graph()
+        hmap: dict[fx.Node, fx.Node] = {head._conv_node: hg.placeholder("a")}
+        for i, e in enumerate(head._externals):
+            hmap[e] = hg.placeholder(f"ext{i}")
+        attrs: dict[str, Any] = {}
+        for node in gm.graph.nodes:  # get_attr constants used by the head
+            if node.op == "get_attr" and any(u in head._region for u in node.users):
+                hmap[node] = hg.get_attr(node.target)
+                attrs[node.target] = _fetch_attr(gm, node.target)
+        for node in head._region:
+            hmap[node] = hg.node_copy(node, lambda n: hmap[n])
+            if node.op == "call_module":
+                attrs[node.target] = gm.get_submodule(node.target)
+        hg.output((hmap[head._feature_node], hmap[head._linear_node]))
+        root = {k: copy.deepcopy(v) for k, v in attrs.items()}
+        head_fn = fx.GraphModule(root, hg)
+        head_fn = head_fn.to(device=device, dtype=dtype).eval()
+        for p in head_fn.parameters():
+            p.requires_grad_(False)
+        self.head_fn = head_fn
+        self.weight = conv.weight.detach().to(device=device, dtype=dtype)
+        self.bias = None if conv.bias is None else conv.bias.detach().to(device=device, dtype=dtype)
+        self.V = head.linear.weight.detach().to(device=device, dtype=dtype)  # (K, C)
+        self.groups = conv.groups
+        self.C = conv.out_channels
+        # padding: unfold only knows zero padding, so other modes and "same" pad explicitly
+        kh, kw = conv.kernel_size
+        dh, dw = conv.dilation
+        if isinstance(conv.padding, str):
+            if conv.padding == "valid":
+                pads = (0, 0, 0, 0)
+            else:  # "same" (stride 1): total dilation*(k-1), the extra one on the right
+                th, tw = dh * (kh - 1), dw * (kw - 1)
+                pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        else:
+            ph, pw = conv.padding
+            pads = (pw, pw, ph, ph)
+        self.explicit_pad = None
+        self.padding = conv.padding if not isinstance(conv.padding, str) else (0, 0)
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            self.explicit_pad = (pads, mode)
+            self.padding = (0, 0)
+
+    def patches_and_preact(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches U (B, groups, d, P) and pre-activations a (B, C, Ho, Wo) in ``dtype``."""
+        conv = self.head.conv
+        X = X.to(device=self.device, dtype=self.dtype)
+        if self.explicit_pad is not None:
+            pads, mode = self.explicit_pad
+            X = F.pad(X, pads, mode=mode)
+        a = F.conv2d(X, self.weight, self.bias, conv.stride, self.padding, conv.dilation,
+                     self.groups)
+        U = F.unfold(X, conv.kernel_size, dilation=conv.dilation, padding=self.padding,
+                     stride=conv.stride)  # (B, C_in*kh*kw, P), ordered like W.view(C, -1)
+        B = X.shape[0]
+        U = U.view(B, self.groups, -1, U.shape[-1])
+        return U, a
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class HeadBatch:
+    """Per-sample quantities of MATH.md section 2 for one batch (all in the plan's dtype).
+
+    ``patches`` (B, P, d) for groups == 1, else (B, groups, d, P) in ``patches_grouped``;
+    ``S``, ``T`` (B, C, P); ``probs`` (B, K); ``labels`` (B,); ``features`` (B, C) = g;
+    ``V`` (K, C) the classifier weight; ``logits`` (B, K).
+    """
+
+    patches_grouped: torch.Tensor
+    S: torch.Tensor
+    T: torch.Tensor
+    probs: torch.Tensor
+    labels: torch.Tensor
+    features: torch.Tensor
+    V: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def patches(self) -> torch.Tensor:
+        if self.patches_grouped.shape[1] != 1:
+            raise ValueError("grouped convolution: use patches_grouped (B, groups, d, P)")
+        return self.patches_grouped[:, 0].transpose(1, 2)
+
+
+def _run_head(plan: _Plan, x: torch.Tensor, y: torch.Tensor, batch_index: int) -> HeadBatch:
+    """Trunk without autograd, then S and T by one or two backward passes through the head."""
+    with torch.no_grad():
+        outs = plan.trunk(x)
+    X, externals = outs[0], [
+        e.to(device=plan.device, dtype=plan.dtype) if isinstance(e, torch.Tensor) and
+        e.is_floating_point() else e for e in outs[1:]
+    ]
+    U, a = plan.patches_and_preact(X)
+    B = a.shape[0]
+    with torch.enable_grad():
+        a_leaf = a.detach().requires_grad_(True)
+        g, z = plan.head_fn(a_leaf, *externals)
+        if g.dim() != 2 or g.shape[1] != plan.C:
+            raise OutOfClassError(
+                f"the classifier '{plan.head.linear_name}' sees features of shape "
+                f"{tuple(g.shape)}, expected (batch, {plan.C}) pooled channels of "
+                f"'{plan.head.conv_name}'"
+            )
+        # S[n,c,p] = d g_{n,c} / d a_{n,c,p}: g_{n,c} depends only on a_{n,c,:}, so the
+        # gradient of sum(g) holds every entry at once.
+        (S,) = torch.autograd.grad(g.sum(), a_leaf, create_graph=not plan.head.piecewise_linear)
+        if plan.head.piecewise_linear:
+            T = torch.zeros_like(S)
+        else:
+            # the head's Hessian in a is diagonal, so d sum(S) / d a is that diagonal
+            (T,) = torch.autograd.grad(S.sum(), a_leaf, allow_unused=True)
+            T = torch.zeros_like(S) if T is None else T
+    z = z.detach()
+    if not torch.isfinite(z).all():
+        raise ValueError(
+            f"non-finite logits in batch {batch_index} (samples "
+            f"{batch_index}x{B}); check the checkpoint and the input normalization"
+        )
+    y = y.to(device=plan.device).long().view(-1)
+    K = z.shape[1]
+    if y.numel() != B:
+        raise ValueError(f"batch {batch_index}: {B} inputs but {y.numel()} labels")
+    if y.min() < 0 or y.max() >= K:
+        raise ValueError(
+            f"batch {batch_index}: labels must lie in 0..{K - 1} for a {K}-class classifier, "
+            f"got range {int(y.min())}..{int(y.max())}"
+        )
+    return HeadBatch(
+        patches_grouped=U,
+        S=S.detach().reshape(B, plan.C, -1),
+        T=T.detach().reshape(B, plan.C, -1),
+        probs=torch.softmax(z, dim=1),
+        labels=y,
+        features=g.detach(),
+        V=plan.V,
+        logits=z,
+    )
+
+
+def head_batch(
+    model: nn.Module, head: Head, x: torch.Tensor, y: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> HeadBatch:
+    """The per-sample quantities (patches, S, T, softmax, features) of one batch.
+
+    The model is evaluated in eval mode and restored to its mode afterwards. Building the plan
+    costs a trace and a copy of the head; for many batches use :func:`exact_curvature`.
+    """
+    device = x.device
+    with _eval_mode(model):
+        plan = _Plan(model, head, device, dtype)
+        x = x.to(dtype=_model_dtype(model))
+        return _run_head(plan, x, y, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Contractions
+# --------------------------------------------------------------------------------------------
+
+
+def _route_costs(C: int, P: int, d: int) -> dict[str, int]:
+    """Multiply-adds per sample for the block traces (MATH.md section 5)."""
+    return {"direct": C * P * d + C * C * d, "gram": P * P * d + C * P * P + C * C * P}
+
+
+def _jj_chunk(hb: HeadBatch, sl: slice, route: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """<J_{n,c}, J_{n,c'}> (b, C, C) and the patch norms Q_n[p,p] (b, groups, P) for a chunk.
+
+    Gram route: S Q S^T with Q = U^T U (P x P); direct route: J = S U^T, then J J^T. Grouped
+    convolutions use the direct route, the filters of group k seeing the patches of group k.
+    """
+    U = hb.patches_grouped[sl]  # (b, G, d, P)
+    S = hb.S[sl]  # (b, C, P)
+    b, G, d, P = U.shape
+    C = S.shape[1]
+    diagQ = (U * U).sum(2)  # (b, G, P)
+    if G == 1 and route == "gram":
+        Q = U[:, 0].transpose(1, 2) @ U[:, 0]  # (b, P, P)
+        return (S @ Q) @ S.transpose(1, 2), diagQ
+    Sg = S.view(b, G, C // G, P)
+    J = (Sg @ U.transpose(2, 3)).reshape(b, C, d)  # J_{n,c} = sum_p S[c,p] u^{group(c)}_p
+    return J @ J.transpose(1, 2), diagQ
+
+
+@dataclass
+class CurvatureResult:
+    """Exact curvature of the conv that feeds GAP, and of the classifier (bias excluded).
+
+    ``trace`` = Tr H (H: Hessian of the mean cross-entropy in the conv kernel);
+    ``relative_flatness`` = kappa = sum_{c,c'} <w_c, w_c'> Tr H_{c,c'};
+    ``block_traces`` (C x C) = Tr H_{c,c'}; ``classifier_trace`` = Tr H_V and
+    ``classifier_relative_flatness`` = kappa_V (Petzka et al. 2021, MATH.md section 6).
+    """
+
+    trace: float
+    relative_flatness: float
+    block_traces: torch.Tensor
+    classifier_trace: float
+    classifier_relative_flatness: float
+    n_samples: int
+    seconds: float
+    layer: str
+    classifier: str
+    route: str
+    gauss_newton_trace: float  # the part without sigma'' (equal to trace for ReLU heads)
+    loss: float  # the mean cross-entropy at which the curvature was measured
+    accuracy: float
+    device: str
+    dtype: str
+
+    def to_dict(self, include_blocks: bool = False) -> dict[str, Any]:
+        d = {
+            "trace": self.trace,
+            "relative_flatness": self.relative_flatness,
+            "classifier_trace": self.classifier_trace,
+            "classifier_relative_flatness": self.classifier_relative_flatness,
+            "gauss_newton_trace": self.gauss_newton_trace,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "n_samples": self.n_samples,
+            "seconds": self.seconds,
+            "layer": self.layer,
+            "classifier": self.classifier,
+            "route": self.route,
+            "device": self.device,
+            "dtype": self.dtype,
+            "n_filters": int(self.block_traces.shape[0]),
+        }
+        if include_blocks:
+            d["block_traces"] = self.block_traces.tolist()
+        return d
+
+
+class _eval_mode:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+        return False
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def classifier_curvature(features: torch.Tensor, probs: torch.Tensor, V: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch sums of Tr H_V and kappa_V for the linear classifier (bias excluded).
+
+    For one sample the Hessian of the cross-entropy in V is ``A_n (x) g_n g_n^T``, so
+    ``Tr H_V = ||g_n||^2 tr(A_n) = ||g_n||^2 (1 - ||p_n||^2)`` and, with the rows ``v_k`` of V
+    as neurons and ``G_V = V V^T``, ``kappa_V = ||g_n||^2 (sum_k G_V[k,k] p_k - p^T G_V p)``
+    (Petzka et al. 2021). Returns the sums over the batch (not the means).
+    """
+    g2 = (features * features).sum(1)  # (B,)
+    tr_A = 1.0 - (probs * probs).sum(1)
+    GV = V @ V.T  # (K, K)
+    kap = (probs * GV.diagonal()).sum(1) - ((probs @ GV) * probs).sum(1)
+    return (g2 * tr_A).sum(), (g2 * kap).sum()
+
+
+def exact_curvature(
+    model: nn.Module,
+    data: Any,
+    *,
+    layer: str | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: torch.dtype = torch.float64,
+    batch_size: int | None = None,
+    route: str = "auto",
+    progress: bool = False,
+    chunk_bytes: int = 64 * 2**20,
+) -> CurvatureResult:
+    """Exact trace, block traces and relative flatness of the conv that feeds GAP.
+
+    Args:
+        model: a CNN whose chosen conv feeds global average pooling and one ``nn.Linear``
+            through channel-wise, position-wise ops (see :func:`find_head`).
+        data: a DataLoader, an iterable of ``(x, y)`` batches, or a pair of tensors
+            ``(X, Y)`` (split into ``batch_size`` batches, default 256).
+        layer: the conv to measure (a name from ``model.named_modules()``); found if None.
+        device: "auto" (CUDA when present), "cpu", "cuda:0", ... The model is not moved: when
+            the device differs from the model's, a copy is measured.
+        dtype: precision of the per-sample products (sums are always float64).
+        route: "gram" (patch Gram Q_n = U_n^T U_n), "direct" (J_n = S_n U_n^T), or "auto"
+            (the cheaper from the layer's shape, MATH.md section 5).
+        progress: show a progress bar over batches.
+        chunk_bytes: memory budget for the per-sample C x C products within a batch.
+
+    The model is measured in eval mode and left in the mode it came in. Memory does not grow
+    with the number of samples: sums are streamed over batches.
+    """
+    if route not in ("auto", "gram", "direct"):
+        raise ValueError(f"route must be 'auto', 'gram' or 'direct', got {route!r}")
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    if _model_device(model) != dev:
+        model = copy.deepcopy(model).to(dev)
+    head = find_head(model, layer=layer)
+    mdtype = _model_dtype(model)
+    acc = torch.float64
+    with _eval_mode(model):
+        plan = _Plan(model, head, dev, dtype)
+        C = plan.C
+        BT = torch.zeros(C, C, dtype=acc, device=dev)  # sum_n of the block-trace terms
+        GN_diag = torch.zeros(C, dtype=acc, device=dev)
+        clf_tr = torch.zeros((), dtype=acc, device=dev)
+        clf_kap = torch.zeros((), dtype=acc, device=dev)
+        loss_sum = torch.zeros((), dtype=acc, device=dev)
+        correct = 0
+        n = 0
+        chosen = route
+        batches: Iterable = iter_batches(data, batch_size)
+        bar = tqdm(batches, desc=f"exact curvature [{head.conv_name}]", unit="batch",
+                   disable=not progress, leave=False)
+        for bi, (x, y) in enumerate(bar):
+            if x.shape[0] == 0:
+                continue
+            x = x.to(device=dev, dtype=mdtype)
+            if bi == 0:
+                model_logits = model(x[:8])
+            hb = _run_head(plan, x, y, bi)
+            if bi == 0:
+                _check_logits(model_logits, hb.logits[:8], head)
+            B, _, P = hb.S.shape
+            d = hb.patches_grouped.shape[2]
+            if chosen == "auto":
+                costs = _route_costs(C, P, d)
+                chosen = "gram" if costs["gram"] <= costs["direct"] else "direct"
+            if plan.groups > 1:
+                chosen = "direct"
+            V = hb.V  # (K, C)
+            p = hb.probs  # (B, K)
+            Vp = p @ V  # (B, C) = V^T p_n
+            q = (p - F.one_hot(hb.labels, p.shape[1]).to(p.dtype)) @ V  # (B, C) = V^T r_n
+            per = max(1, int(chunk_bytes // max(1, 3 * C * C * p.element_size())))
+            for s0 in range(0, B, per):
+                sl = slice(s0, min(B, s0 + per))
+                JJ, diagQ = _jj_chunk(hb, sl, chosen)  # (b, C, C), (b, G, P)
+                # M_n = V^T diag(p_n) V - (V^T p_n)(V^T p_n)^T, (b, C, C)
+                M = (V.T.unsqueeze(0) * p[sl].unsqueeze(1)) @ V
+                M -= Vp[sl].unsqueeze(2) * Vp[sl].unsqueeze(1)
+                BT += (M * JJ).sum(0).to(acc)
+                # sigma'' term, diagonal blocks only: q_n[c] sum_p T_n[c,p] Q_n[p,p]
+                if not head.piecewise_linear:
+                    G = diagQ.shape[1]
+                    Tg = hb.T[sl].view(-1, G, C // G, P)
+                    tq = (Tg * diagQ.unsqueeze(2)).sum(-1).reshape(-1, C)  # (b, C)
+                    BT.diagonal().add_((q[sl] * tq).sum(0).to(acc))
+                GN_diag += (M.diagonal(dim1=1, dim2=2) * JJ.diagonal(dim1=1, dim2=2)).sum(0).to(acc)
+            t, k = classifier_curvature(hb.features, p, V)
+            clf_tr += t.to(acc)
+            clf_kap += k.to(acc)
+            loss_sum += F.cross_entropy(hb.logits, hb.labels, reduction="sum").to(acc)
+            correct += int((hb.logits.argmax(1) == hb.labels).sum())
+            n += B
+        bar.close()
+    if n == 0:
+        raise ValueError("data is empty: no samples to measure the curvature on")
+    BT = (BT / n).cpu()
+    W = head.conv.weight.detach().to(dtype=acc, device="cpu").reshape(C, -1)
+    Gw = W @ W.T  # <w_c, w_c'>
+    # For grouped convs the filters of all groups are d-vectors of the same shape; kappa keeps
+    # the cross-group pairs, matching Tr of the Hessian in A of L(W (I + A)) with one A shared
+    # by all groups' patches (MATH.md section 3).
+    return CurvatureResult(
+        trace=float(BT.diagonal().sum()),
+        relative_flatness=float((Gw * BT).sum()),
+        block_traces=BT,
+        classifier_trace=float(clf_tr / n),
+        classifier_relative_flatness=float(clf_kap / n),
+        n_samples=n,
+        seconds=time.perf_counter() - start,
+        layer=head.conv_name,
+        classifier=head.linear_name,
+        route=chosen if chosen != "auto" else "gram",
+        gauss_newton_trace=float(GN_diag.sum() / n),
+        loss=float(loss_sum / n),
+        accuracy=correct / n,
+        device=str(dev),
+        dtype=str(dtype).replace("torch.", ""),
+    )
+
+
+def _check_logits(model_logits: torch.Tensor, head_logits: torch.Tensor, head: Head) -> None:
+    """Guard against a wrong split of the model: the head copy must reproduce the logits."""
+    ref = model_logits.detach().to(head_logits.dtype)
+    if not torch.isfinite(ref).all():
+        raise ValueError("non-finite logits in batch 0; check the checkpoint and the inputs")
+    # float32 trunks feed a float64 head: allow float32 rounding, nothing more
+    tol = 1e-8 if model_logits.dtype == torch.float64 else 1e-3
+    scale = ref.abs().max().clamp_min(1.0)
+    err = float((ref - head_logits).abs().max() / scale)
+    if err > tol:
+        raise OutOfClassError(
+            f"the head after '{head.conv_name}' did not reproduce the model's logits "
+            f"(relative error {err:.2e}); the model's forward is not the traced graph, so it "
+            "cannot be measured exactly"
+        )

@@ -1,0 +1,390 @@
+"""The closed form against independent references: the dense autograd Hessian in float64,
+BackPACK's exact GGN diagonal at torchvision scale, and the invariances of MATH.md section 4."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from convflat.curvature import OutOfClassError, exact_curvature, find_head, head_batch
+from convflat.reference import (
+    SmallGapNet,
+    architecture_suite,
+    autograd_kernel_hessian,
+    build_case,
+    dense_measures,
+)
+
+SUITE = architecture_suite()
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+@pytest.mark.parametrize("case", SUITE, ids=[c.name for c in SUITE])
+def test_matches_dense_autograd_hessian(case):
+    assert len(SUITE) >= 20
+    model, x, y = build_case(case, seed=1)
+    # batch size 3 does not divide the sample counts (7, 11, 13)
+    assert x.shape[0] % 3 != 0
+    res = exact_curvature(model, (x, y), layer="last", device="cpu", batch_size=3)
+    H = autograd_kernel_hessian(model, "last", x, y)
+    ref = dense_measures(H, model.last.weight.detach())
+    assert res.n_samples == x.shape[0]
+    assert rel(res.trace, ref["trace"]) <= 1e-9
+    assert rel(res.relative_flatness, ref["relative_flatness"]) <= 1e-9
+    blocks = ref["block_traces"]
+    err = (res.block_traces - blocks).abs() / blocks.abs().clamp_min(1e-300)
+    # every block trace to 1e-9 relative, or to 1e-12 of the largest where a block is ~0
+    ok = (err <= 1e-9) | ((res.block_traces - blocks).abs() <= 1e-12 * blocks.abs().max())
+    assert bool(ok.all()), f"worst block error {float(err.max()):.2e}"
+
+
+def test_auto_head_detection_finds_last_conv_in_suite():
+    model, _, _ = build_case(SUITE[0])
+    assert find_head(model).conv_name == "last"
+    model, _, _ = build_case(next(c for c in SUITE if "residual" in c.name))
+    # the residual conv is as deep as `last` but runs first: the later one is chosen
+    assert find_head(model).conv_name == "last"
+
+
+def test_gram_and_direct_routes_agree():
+    for case in (SUITE[2], SUITE[7], SUITE[15]):
+        model, x, y = build_case(case, seed=3)
+        g = exact_curvature(model, (x, y), device="cpu", route="gram")
+        d = exact_curvature(model, (x, y), device="cpu", route="direct")
+        assert g.route == "gram" and d.route == "direct"
+        assert rel(g.trace, d.trace) < 1e-12
+        assert rel(g.relative_flatness, d.relative_flatness) < 1e-12
+        torch.testing.assert_close(g.block_traces, d.block_traces, rtol=1e-11, atol=1e-15)
+
+
+def test_data_forms_and_batching_agree_and_mode_is_restored():
+    model, x, y = build_case(SUITE[5], seed=2)  # with BatchNorm
+    model.train()
+    stats = model.bn.running_mean.clone()
+    a = exact_curvature(model, (x, y), device="cpu", batch_size=2)
+    b = exact_curvature(model, DataLoader(TensorDataset(x, y), batch_size=4), device="cpu")
+    c = exact_curvature(model, [(x[:1], y[:1]), (x[1:], y[1:])], device="cpu")
+    for r in (b, c):
+        assert rel(r.trace, a.trace) < 1e-12
+        assert rel(r.relative_flatness, a.relative_flatness) < 1e-12
+    assert model.training and model.bn.training
+    torch.testing.assert_close(model.bn.running_mean, stats)
+    # measured in eval mode: equal to the autograd Hessian of the eval-mode model
+    H = autograd_kernel_hessian(model, "last", x, y)
+    assert rel(a.trace, float(H.diagonal().sum())) < 1e-9
+
+
+def test_classifier_measures_match_autograd():
+    model, x, y = build_case(SUITE[3], seed=4)  # SiLU
+    res = exact_curvature(model, (x, y), device="cpu")
+    Hv = autograd_kernel_hessian(model, "fc", x, y)
+    assert rel(res.classifier_trace, float(Hv.diagonal().sum())) < 1e-10
+    V = model.fc.weight.detach()
+    K, C = V.shape
+    blocks = torch.einsum("aibi->ab", Hv.reshape(K, C, K, C))  # neuron-by-neuron blocks
+    kappa_v = float(((V @ V.T) * blocks).sum())
+    assert rel(res.classifier_relative_flatness, kappa_v) < 1e-10
+    # the loss and accuracy it reports are those of the model
+    logits = model.eval()(x).detach()
+    assert rel(res.loss, float(F.cross_entropy(logits, y))) < 1e-12
+    assert res.accuracy == pytest.approx(float((logits.argmax(1) == y).double().mean()))
+
+
+def test_gauss_newton_part_equals_trace_only_for_piecewise_linear():
+    relu, x, y = build_case(SUITE[0], seed=5)
+    r = exact_curvature(relu, (x, y), device="cpu")
+    assert rel(r.gauss_newton_trace, r.trace) < 1e-12
+    gelu, x, y = build_case(SUITE[2], seed=5)
+    g = exact_curvature(gelu, (x, y), device="cpu")
+    assert rel(g.gauss_newton_trace, g.trace) > 1e-6  # the sigma'' term is really there
+
+
+# ---------------------------------------------------------------------------- invariances
+
+
+def _relu_model(seed=0, **kw):
+    case = next(c for c in SUITE if c.name == "relu")
+    case = type(case)(case.name, {**case.kwargs, **kw}, case.n, case.hw)
+    return build_case(case, seed)
+
+
+def test_filter_rescaling_keeps_kappa_and_moves_trace():
+    model, x, y = _relu_model(seed=6)
+    before = exact_curvature(model, (x, y), device="cpu")
+    alpha = torch.tensor([0.5, 2.0, 3.0, 0.25], dtype=torch.float64)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.last.weight.mul_(alpha.view(-1, 1, 1, 1))
+        scaled.last.bias.mul_(alpha)
+        scaled.fc.weight.div_(alpha.view(1, -1))
+    torch.testing.assert_close(scaled(x), model(x))  # the function is unchanged
+    after = exact_curvature(scaled, (x, y), device="cpu")
+    assert rel(after.relative_flatness, before.relative_flatness) < 1e-10
+    assert rel(after.trace, before.trace) > 0.1
+    # block (c, c') scales by 1/(alpha_c alpha_c')
+    expected = before.block_traces / (alpha[:, None] * alpha[None, :])
+    torch.testing.assert_close(after.block_traces, expected, rtol=1e-9, atol=1e-15)
+
+
+def test_batchnorm_rescaling_keeps_kappa():
+    model, x, y = _relu_model(seed=7, bn=True)
+    before = exact_curvature(model, (x, y), device="cpu")
+    a = 3.0
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.last.weight.mul_(a)
+        m.last.bias.mul_(a)
+        m.bn.running_mean.mul_(a)
+        m.bn.running_var.mul_(a * a)
+    m.bn.eps *= a * a  # so that var + eps scales by a^2 exactly
+    torch.testing.assert_close(m.eval()(x), model.eval()(x))
+    after = exact_curvature(m, (x, y), device="cpu")
+    assert rel(after.relative_flatness, before.relative_flatness) < 1e-10
+    assert rel(after.trace, before.trace * a**-2) < 1e-10
+
+
+def test_bn_affine_and_classifier_rescaling_keeps_both():
+    model, x, y = _relu_model(seed=8, bn=True)
+    before = exact_curvature(model, (x, y), device="cpu")
+    alpha = torch.tensor([2.0, 0.5, 1.5, 4.0], dtype=torch.float64)
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.bn.weight.mul_(alpha)
+        m.bn.bias.mul_(alpha)
+        m.fc.weight.div_(alpha.view(1, -1))
+    after = exact_curvature(m, (x, y), device="cpu")
+    assert rel(after.trace, before.trace) < 1e-10
+    assert rel(after.relative_flatness, before.relative_flatness) < 1e-10
+
+
+class _Scale(nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.register_buffer("s", s)
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_input_map_scaling_keeps_kappa_per_channel_scaling_does_not():
+    model, x, y = _relu_model(seed=9)
+    before = exact_curvature(model, (x, y), device="cpu")
+    lam = 2.5
+    m = copy.deepcopy(model)
+    m.act0 = nn.Sequential(nn.Tanh(), _Scale(torch.tensor(lam, dtype=torch.float64)))
+    with torch.no_grad():
+        m.last.weight.div_(lam)
+    torch.testing.assert_close(m(x), model(x))
+    after = exact_curvature(m, (x, y), device="cpu")
+    assert rel(after.relative_flatness, before.relative_flatness) < 1e-10
+    assert rel(after.trace, before.trace * lam**2) < 1e-10
+    # one input channel j scaled: function preserved, but both measures move
+    s = torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64).view(1, -1, 1, 1)
+    m2 = copy.deepcopy(model)
+    m2.act0 = nn.Sequential(nn.Tanh(), _Scale(s))
+    with torch.no_grad():
+        m2.last.weight.div_(s)
+    torch.testing.assert_close(m2(x), model(x))
+    after2 = exact_curvature(m2, (x, y), device="cpu")
+    assert rel(after2.relative_flatness, before.relative_flatness) > 1e-3
+    assert rel(after2.trace, before.trace) > 1e-3
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_kappa_is_trace_of_hessian_in_shared_patch_perturbation(act):
+    """kappa = Tr of the Hessian in A of L(W (I + A)) at A = 0 (feature robustness)."""
+    model, x, y = _relu_model(seed=10, act=act)
+    res = exact_curvature(model, (x, y), device="cpu")
+    W = model.last.weight.detach()
+    C, d = W.shape[0], W[0].numel()
+
+    def loss(A):
+        Wa = (W.reshape(C, d) @ (torch.eye(d, dtype=W.dtype) + A)).reshape(W.shape)
+        return F.cross_entropy(functional_call(model, {"last.weight": Wa}, (x,)), y)
+
+    HA = torch.autograd.functional.hessian(loss, torch.zeros(d, d, dtype=W.dtype))
+    assert rel(float(HA.reshape(d * d, d * d).diagonal().sum()), res.relative_flatness) < 1e-9
+
+
+# ---------------------------------------------------------------------------- torchvision
+
+
+@pytest.mark.parametrize(
+    "arch,expected",
+    [("resnet18", "layer4.1.conv2"), ("resnet50", "layer4.2.conv3"),
+     ("mobilenet_v2", "features.18.0")],
+)
+def test_torchvision_heads_are_found(arch, expected):
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=10)
+    head = find_head(model)
+    assert head.conv_name == expected
+    assert head.linear_name in ("fc", "classifier.1")
+    assert head.piecewise_linear  # ReLU / ReLU6 heads
+
+
+def test_mobilenet_v2_runs_and_gram_direct_agree():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=5)
+    x, y = torch.randn(3, 3, 64, 64), torch.tensor([0, 3, 4])
+    g = exact_curvature(model, (x, y), device="cpu", route="gram")
+    d = exact_curvature(model, (x, y), device="cpu", route="direct")
+    assert g.layer == "features.18.0" and g.trace > 0 and g.relative_flatness > 0
+    assert rel(g.trace, d.trace) < 1e-10
+
+
+def test_resnet18_trace_matches_backpack_exact_ggn_diagonal():
+    """At scale: Tr H of layer4.1.conv2 (ReLU head, so H = GGN) against BackPACK's exact GGN
+    diagonal summed over that kernel, float64, 64 x 64 inputs (last map 2 x 2)."""
+    import torchvision
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # BackPACK builds helper convs in the default dtype
+    try:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+        x = torch.randn(3, 3, 64, 64)
+        y = torch.tensor([1, 7, 3])
+        ours = exact_curvature(model, (x, y), device="cpu", batch_size=2)
+        ext = extend(copy.deepcopy(model), use_converter=True)
+        loss = extend(nn.CrossEntropyLoss())(ext(x), y)
+        with backpack(DiagGGNExact()):
+            loss.backward()
+        oracle = {n: p for n, p in ext.named_parameters()}
+        key = next(n for n in oracle if n.replace("_", ".").startswith("layer4.1.conv2"))
+        ref = float(oracle[key].diag_ggn_exact.sum())
+    finally:
+        torch.set_default_dtype(old)
+    assert ours.layer == "layer4.1.conv2"
+    assert rel(ours.trace, ref) < 1e-6
+
+
+def test_float32_model_measured_in_float64_close_to_float64_model():
+    model, x, y = build_case(SUITE[3], seed=11)
+    ref = exact_curvature(model, (x, y), device="cpu")
+    m32 = copy.deepcopy(model).float()
+    r32 = exact_curvature(m32, (x.float(), y), device="cpu")
+    assert rel(r32.trace, ref.trace) < 1e-5
+    assert next(m32.parameters()).dtype == torch.float32  # the model is not converted
+
+
+def test_head_batch_quantities():
+    model, x, y = build_case(SUITE[3], seed=12)
+    head = find_head(model)
+    hb = head_batch(model, head, x, y)
+    B, _C, P = hb.S.shape
+    assert hb.patches.shape == (B, P, model.last.weight[0].numel())
+    torch.testing.assert_close(hb.logits, model.eval()(x))
+    torch.testing.assert_close(hb.probs.sum(1), torch.ones(B, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+class _MaxPoolAfter(SmallGapNet):
+    def __init__(self):
+        super().__init__()
+        self.mp = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.pool(self.mp(self.act(self.last(self.act0(self.stem(x))))))))
+
+
+class _ConvAfter(SmallGapNet):
+    def __init__(self):
+        super().__init__()
+        self.extra = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.act(self.last(self.act0(self.stem(x))))
+        return self.fc(self.flat(self.pool(self.extra(h))))
+
+
+class _MLPHead(SmallGapNet):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.flat(self.pool(self.act(self.last(self.act0(self.stem(x))))))
+        return self.fc(torch.relu(self.hidden(h)))
+
+
+class _SqueezeExcite(SmallGapNet):
+    def __init__(self):
+        super().__init__()
+        self.se = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.act(self.last(self.act0(self.stem(x))))
+        s = torch.sigmoid(self.se(h.mean((2, 3)))).view(-1, 4, 1, 1)
+        return self.fc(self.flat(self.pool(h * s)))
+
+
+class _Untraceable(SmallGapNet):
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "cls,pattern",
+    [
+        (_MaxPoolAfter, "MaxPool2d module 'mp'"),
+        (_ConvAfter, "second convolution"),
+        (_MLPHead, "'relu'.* follows nn.Linear 'hidden'.*MLP head"),
+        (_SqueezeExcite, "'sigmoid'.* follows nn.Linear 'se'.*squeeze-and-excitation"),
+        (_Untraceable, "could not trace"),
+    ],
+)
+def test_out_of_class_models_are_refused_naming_the_op(cls, pattern):
+    model = cls().double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    with pytest.raises(OutOfClassError, match=pattern):
+        exact_curvature(model, (x, torch.tensor([0, 1])), device="cpu", layer=(
+            None if cls is _Untraceable else "last"))
+
+
+def test_auto_detection_refuses_with_the_reason():
+    with pytest.raises(OutOfClassError, match="MaxPool2d"):
+        find_head(_MaxPoolAfter())
+
+
+def test_bad_layer_names_and_data():
+    model, x, y = build_case(SUITE[0])
+    with pytest.raises(OutOfClassError, match="not a module"):
+        find_head(model, layer="nope")
+    with pytest.raises(OutOfClassError, match="BatchNorm2d|Identity|not an nn.Conv2d"):
+        find_head(model, layer="bn")
+    with pytest.raises(ValueError, match="empty"):
+        exact_curvature(model, (x[:0], y[:0]), device="cpu")
+    with pytest.raises(ValueError, match="labels must lie in 0..2"):
+        exact_curvature(model, (x, y + 5), device="cpu")
+    with pytest.raises(ValueError, match="differ in length"):
+        exact_curvature(model, (x, y[:2]), device="cpu")
+    bad = copy.deepcopy(model)
+    xb = x.clone()
+    batches = [(x[:3], y[:3]), (xb[3:], y[3:])]
+    with torch.no_grad():
+        bad.fc.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite logits in batch 0"):
+        exact_curvature(bad, batches, device="cpu")
+    xb[4] = float("inf")
+    with pytest.raises(ValueError, match="non-finite logits in batch 1"):
+        exact_curvature(model, [(x[:3], y[:3]), (xb[3:], y[3:])], device="cpu")
