@@ -1,0 +1,232 @@
+"""``python -m convflat.bench curvature``: the exact closed form against its alternatives.
+
+For each model, on the same data and device, in one process:
+
+(a) one plain forward pass over the data (eval mode, no autograd) - the floor;
+(b) ``exact_curvature`` (float64 products; also float32 products, summed in float64);
+(c) Hutchinson's estimate of the same layer's trace through curvlinops'
+    ``HessianLinearOperator`` (Rademacher probes, one Hessian-vector product over the data
+    each), run until its running mean is within 1% of the exact value (capped; past the cap
+    the probes needed are extrapolated from the sample variance, and the table says so);
+(d) the exact oracle: BackPACK's ``DiagGGNExact`` summed over the kernel (equal to the trace
+    for ReLU heads), one extended backward over the data.
+
+Times are medians over ``--repeats``; peak memory is the CUDA peak on GPU and the growth of
+the process's max RSS on CPU. Ratios are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, repeats):
+    times, out = [], None
+    for _ in range(repeats):
+        gc.collect()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+class _Peak:
+    """Peak memory of a block: CUDA allocator peak, or growth of max RSS on CPU (MiB)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        else:
+            self.mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base) / 1024
+        return False
+
+
+def _models(names, in_ch, classes):
+    from convflat.models import build_model
+
+    specs = {
+        "resnet18-cifar": {"family": "resnet", "depth": 18, "in_channels": in_ch,
+                           "num_classes": classes},
+        "resnet20-cifar": {"family": "resnet", "depth": 20, "in_channels": in_ch,
+                           "num_classes": classes},
+        "gapcnn-w32-d4": {"family": "gapcnn", "width": 32, "depth": 4, "in_channels": in_ch,
+                          "num_classes": classes},
+        "gapcnn-w16-d3": {"family": "gapcnn", "width": 16, "depth": 3, "in_channels": in_ch,
+                          "num_classes": classes},
+    }
+    for name in names:
+        if name not in specs:
+            raise SystemExit(f"unknown model {name!r}; choose from {sorted(specs)}")
+        torch.manual_seed(0)
+        yield name, build_model(specs[name])
+
+
+def _hutchinson_to_1pct(model, layer_param, batches, exact, device, max_probes, max_seconds):
+    from curvlinops import HessianLinearOperator
+    from curvlinops.trace.hutchinson import hutchinson_trace
+
+    H = HessianLinearOperator(model, nn.CrossEntropyLoss(), [layer_param], batches,
+                              check_deterministic=False)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    ests: list[float] = []
+    t0 = time.perf_counter()
+    hit = None
+    while len(ests) < max_probes and time.perf_counter() - t0 < max_seconds:
+        ests.append(float(hutchinson_trace(H, 1)))
+        mean = sum(ests) / len(ests)
+        if len(ests) >= 2 and abs(mean - exact) <= 0.01 * abs(exact):
+            hit = len(ests)
+            break
+    seconds = time.perf_counter() - t0
+    torch.random.set_rng_state(gen_state)
+    per_probe = seconds / len(ests)
+    sd = statistics.stdev(ests) if len(ests) > 1 else float("nan")
+    # probes for a 1% standard error: m = (sd / (0.01 |exact|))^2
+    needed = math.ceil((sd / (0.01 * abs(exact))) ** 2) if math.isfinite(sd) else None
+    if hit is not None:
+        return {"probes": hit, "seconds": seconds, "extrapolated": False,
+                "probes_for_1pct_stderr": needed, "per_probe": per_probe}
+    return {"probes": needed, "seconds": per_probe * (needed or len(ests)), "extrapolated": True,
+            "probes_for_1pct_stderr": needed, "per_probe": per_probe, "probes_run": len(ests)}
+
+
+def _backpack_oracle(model, layer, batches):
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+
+    ext = extend(copy.deepcopy(model).eval(), use_converter=True)
+    lossf = extend(nn.CrossEntropyLoss())  # BackPACK needs the loss module's own output
+    n = sum(int(y.shape[0]) for _, y in batches)
+    total = 0.0
+    key = layer.replace(".", "_")
+    for x, y in batches:
+        ext.zero_grad()
+        loss = lossf(ext(x), y)
+        with backpack(DiagGGNExact()):
+            loss.backward()
+        for name, p in ext.named_parameters():
+            if name.replace(".", "_") == f"{key}_weight":
+                # the batch mean's GGN, weighted by the batch's share of the data
+                total += float(p.diag_ggn_exact.sum()) * int(y.shape[0]) / n
+    return total
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m convflat.bench curvature", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet18-cifar,gapcnn-w32-d4,gapcnn-w16-d3")
+    ap.add_argument("--n", type=int, default=256, help="samples (default 256)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--size", type=int, default=32, help="image side (default 32, CIFAR)")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-probes", type=int, default=400)
+    ap.add_argument("--max-hutchinson-seconds", type=float, default=120.0)
+    ap.add_argument("--no-backpack", action="store_true")
+    args = ap.parse_args(argv)
+
+    from convflat.curvature import exact_curvature, find_head
+    from convflat.io import resolve_device
+
+    device = resolve_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.n, 3, args.size, args.size, generator=g).to(device)
+    y = torch.randint(0, args.classes, (args.n,), generator=g).to(device)
+    batches = list(zip(x.split(args.batch_size), y.split(args.batch_size)))
+    name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# device: {device} ({name_dev}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, N={args.n}, {args.size}x{args.size}, "
+          f"batch {args.batch_size}, median of {args.repeats}")
+    rows = []
+    for name, model in _models(args.models.split(","), 3, args.classes):
+        model = model.to(device).eval()
+        head = find_head(model)
+        C = head.conv.out_channels
+
+        def forward():
+            with torch.no_grad():
+                for xb, _ in batches:
+                    model(xb)
+
+        with _Peak(device) as pf:
+            t_fwd, _ = _timed(forward, device, args.repeats)
+        with _Peak(device) as pe:
+            t_ex, res = _timed(lambda: exact_curvature(model, batches, device=device),
+                               device, args.repeats)
+        t_ex32, res32 = _timed(
+            lambda: exact_curvature(model, batches, device=device, dtype=torch.float32),
+            device, args.repeats)
+        hut = _hutchinson_to_1pct(model, head.conv.weight, batches, res.trace, device,
+                                  args.max_probes, args.max_hutchinson_seconds)
+        row = {
+            "model": name, "layer": head.conv_name, "C": C, "route": res.route,
+            "forward_s": t_fwd, "exact_s": t_ex, "exact32_s": t_ex32,
+            "exact32_relerr": abs(res32.trace - res.trace) / abs(res.trace),
+            "hutch_probes": hut["probes"], "hutch_s": hut["seconds"],
+            "hutch_extrapolated": hut["extrapolated"],
+            "peak_forward_mib": pf.mib, "peak_exact_mib": pe.mib,
+        }
+        if not args.no_backpack:
+            t_bp, ref = _timed(lambda: _backpack_oracle(model, head.conv_name, batches),
+                               device, 1)
+            row["backpack_s"] = t_bp
+            row["backpack_relerr"] = abs(ref - res.trace) / abs(res.trace)
+        rows.append(row)
+        print(f"  {name}: forward {t_fwd:.3f}s  exact {t_ex:.3f}s  exact(f32) {t_ex32:.3f}s  "
+              f"hutchinson {hut['seconds']:.1f}s ({hut['probes']} probes"
+              f"{', extrapolated' if hut['extrapolated'] else ''})"
+              + (f"  backpack {row['backpack_s']:.2f}s" if "backpack_s" in row else ""),
+              file=sys.stderr)
+    print()
+    print("| model | conv layer | route | forward (a) | exact (b) | (b)/(a) | exact f32 (b)/(a) "
+          "| Hutchinson 1% (c) | probes | (c)/(b) | BackPACK (d) | (d)/(b) | peak MiB fwd / exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        bp = (f"{r['backpack_s']:.2f} s | {r['backpack_s'] / r['exact_s']:.0f}x"
+              if "backpack_s" in r else "- | -")
+        star = "*" if r["hutch_extrapolated"] else ""
+        print(f"| {r['model']} | {r['layer']} | {r['route']} | {r['forward_s']:.3f} s | "
+              f"{r['exact_s']:.3f} s | {r['exact_s'] / r['forward_s']:.2f} | "
+              f"{r['exact32_s'] / r['forward_s']:.2f} | {r['hutch_s']:.1f} s{star} | "
+              f"{r['hutch_probes']}{star} | {r['hutch_s'] / r['exact_s']:.0f}x | {bp} | "
+              f"{r['peak_forward_mib']:.0f} / {r['peak_exact_mib']:.0f} |")
+    print("\n(*) Hutchinson did not reach 1% within the cap: probes for a 1% standard error "
+          "extrapolated from the sample variance, time = probes x measured time per probe.")
+    for r in rows:
+        extra = f", BackPACK rel. err. {r['backpack_relerr']:.1e}" if "backpack_relerr" in r else ""
+        print(f"{r['model']}: float32 products rel. err. {r['exact32_relerr']:.1e}{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
