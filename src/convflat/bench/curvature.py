@@ -27,7 +27,7 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 def _sync(device):
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         head = find_head(model)
         C = head.conv.out_channels
 
-        def forward():
+        def forward(model=model):
             with torch.no_grad():
                 for xb, _ in batches:
                     model(xb)
@@ -181,10 +181,10 @@ def main(argv=None) -> int:
         with _Peak(device) as pf:
             t_fwd, _ = _timed(forward, device, args.repeats)
         with _Peak(device) as pe:
-            t_ex, res = _timed(lambda: exact_curvature(model, batches, device=device),
+            t_ex, res = _timed(lambda m=model: exact_curvature(m, batches, device=device),
                                device, args.repeats)
         t_ex32, res32 = _timed(
-            lambda: exact_curvature(model, batches, device=device, dtype=torch.float32),
+            lambda m=model: exact_curvature(m, batches, device=device, dtype=torch.float32),
             device, args.repeats)
         hut = _hutchinson_to_1pct(model, head.conv.weight, batches, res.trace, device,
                                   args.max_probes, args.max_hutchinson_seconds)
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
             "peak_forward_mib": pf.mib, "peak_exact_mib": pe.mib,
         }
         if not args.no_backpack:
-            t_bp, ref = _timed(lambda: _backpack_oracle(model, head.conv_name, batches),
+            t_bp, ref = _timed(lambda m=model, h=head: _backpack_oracle(m, h.conv_name, batches),
                                device, 1)
             row["backpack_s"] = t_bp
             row["backpack_relerr"] = abs(ref - res.trace) / abs(res.trace)
