@@ -86,7 +86,7 @@ def _load_model(args, num_classes: int, in_channels: int):
     model = models.build_model(spec)
     try:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear message
+    except Exception as exc:
         raise CLIError(f"{args.checkpoint}: torch.load failed: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
