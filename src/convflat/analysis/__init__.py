@@ -1,0 +1,69 @@
+"""Floor 3: does a flatness measure predict generalization? Statistics, tables, figures.
+
+Input is a runs table (one row per trained run; see ``docs/internal-api.md``): columns
+``hp_<axis>`` are hyperparameters, ``m_<name>`` measures, and ``loss_gap``, ``acc_gap``,
+``test_error`` the default targets. Runs with ``status != "ok"`` or ``converged == False``
+are left out and counted. A good measure correlates *positively* with the targets.
+
+* :mod:`convflat.analysis.stats`: Kendall tau with a bootstrap CI, Spearman, Pearson, the
+  granulated Kendall coefficient Psi (per axis too) and the conditional mutual information
+  score of Jiang et al. (2020), gathered by :func:`correlation_table`.
+* :mod:`convflat.analysis.tables`: CSV / Markdown / LaTeX (booktabs) tables, best marked.
+* :mod:`convflat.analysis.figures`: seaborn figures (PNG + PDF) for a paper column.
+* :func:`analyse_study`: everything for one study (or the overall table), for the workflow.
+"""
+
+from convflat.analysis.figures import (
+    figure_paths,
+    plot_false_friend,
+    plot_hutchinson_convergence,
+    plot_measure_vs_gap,
+    plot_psi_heatmap,
+    plot_tau_psi,
+)
+from convflat.analysis.runs import (
+    DEFAULT_TARGETS,
+    NUISANCE_AXES,
+    OURS,
+    RunSelection,
+    axis_columns,
+    combine_runs,
+    measure_columns,
+    read_runs,
+    select_runs,
+)
+from convflat.analysis.stats import (
+    BootstrapCI,
+    CMIResult,
+    PsiResult,
+    axis_groups,
+    bootstrap_kendall,
+    bootstrap_weights,
+    conditional_mutual_information,
+    correlation_table,
+    granulated_kendall,
+    kendall_tau,
+    pearson,
+    spearman,
+)
+from convflat.analysis.study import STUDY_FIGURES, STUDY_TABLES, analyse_study
+from convflat.analysis.tables import (
+    correlation_latex,
+    correlation_markdown,
+    read_correlation_table,
+    runs_summary_table,
+    write_correlation_table,
+    write_runs_summary,
+)
+
+__all__ = [
+    "DEFAULT_TARGETS", "NUISANCE_AXES", "OURS", "STUDY_FIGURES", "STUDY_TABLES",
+    "BootstrapCI", "CMIResult", "PsiResult", "RunSelection",
+    "analyse_study", "axis_columns", "axis_groups", "bootstrap_kendall", "bootstrap_weights",
+    "combine_runs", "conditional_mutual_information", "correlation_latex",
+    "correlation_markdown", "correlation_table", "figure_paths", "granulated_kendall",
+    "kendall_tau", "measure_columns", "pearson", "plot_false_friend",
+    "plot_hutchinson_convergence", "plot_measure_vs_gap", "plot_psi_heatmap", "plot_tau_psi",
+    "read_correlation_table", "read_runs", "runs_summary_table", "select_runs", "spearman",
+    "write_correlation_table", "write_runs_summary",
+]

@@ -1,0 +1,484 @@
+"""Figures for a paper column: seaborn on matplotlib's object API, PNG and PDF.
+
+Every function takes an output path ``out`` given either without a suffix
+(``results/figures/cifar10/tau_psi``) or with ``.png`` / ``.pdf`` (the suffix is dropped),
+writes ``<out>.png`` (``dpi``, default 300) and ``<out>.pdf`` (fonts embedded as TrueType), each
+atomically, and returns ``[png_path, pdf_path]``.
+
+Figures are built on :class:`matplotlib.figure.Figure` directly, never through pyplot: no
+global figure state, no backend is chosen or changed, and nothing is left open. Panels are
+sized for a 3.5 inch paper column with 7-8 pt text; multi-panel figures span the page.
+Our measures (``m_conv_trace``, ``m_conv_relative_flatness``) are drawn in red with bold
+labels, the baselines in blue-grey.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from convflat.analysis.runs import (
+    axis_columns,
+    is_ours,
+    measure_columns,
+    numeric_column,
+    require_columns,
+    select_runs,
+    short_name,
+)
+from convflat.analysis.stats import kendall_tau
+from convflat.analysis.tables import read_correlation_table, table_targets
+
+__all__ = [
+    "figure_paths",
+    "plot_false_friend",
+    "plot_hutchinson_convergence",
+    "plot_measure_vs_gap",
+    "plot_psi_heatmap",
+    "plot_tau_psi",
+]
+
+OURS_COLOR = "#c0392b"
+BASE_COLOR = "#4c6a92"
+PANEL = (3.5, 2.6)  # inches: one panel in a paper column
+_RC = {
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7,
+    "ytick.labelsize": 7, "legend.fontsize": 7, "legend.title_fontsize": 7,
+    "pdf.fonttype": 42, "ps.fonttype": 42, "axes.titleweight": "normal",
+}
+
+
+# ------------------------------------------------------------------------- plumbing
+
+
+@contextlib.contextmanager
+def _style():
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"), mpl.rc_context(_RC):
+        yield
+
+
+def figure_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """``out`` (no suffix, or ``.png`` / ``.pdf``) -> (``<out>.png``, ``<out>.pdf``)."""
+    p = Path(out)
+    base = p.with_suffix("") if p.suffix.lower() in (".png", ".pdf") else p
+    return base.with_name(base.name + ".png"), base.with_name(base.name + ".pdf")
+
+
+def _save(fig: Figure, out: str | os.PathLike, dpi: int = 300) -> list[Path]:
+    paths = []
+    for path in figure_paths(out):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                # constrained layout keeps every artist inside the canvas: no "tight" pass
+                fig.savefig(fh, format=path.suffix[1:], dpi=dpi)
+            os.replace(tmp, path)  # a killed job never leaves half a figure
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        paths.append(path)
+    return paths
+
+
+def _wants_log(values: np.ndarray) -> bool:
+    """Log scale when every finite value is positive and they span more than 2 decades."""
+    v = values[np.isfinite(values)]
+    return v.size >= 2 and bool((v > 0).all()) and v.max() / v.min() > 100.0
+
+
+def _label(column: str) -> str:
+    return short_name(column) + (" (ours)" if is_ours(column) else "")
+
+
+def _style_title(ax, column: str, extra: str = "") -> None:
+    text = _label(column) + (f"\n{extra}" if extra else "")
+    if is_ours(column):
+        ax.set_title(text, color=OURS_COLOR, fontweight="bold")
+    else:
+        ax.set_title(text)
+
+
+def _value_label(v) -> str:
+    if v is None or v is pd.NA:
+        return "NaN"
+    if isinstance(v, (float, np.floating)):
+        return "NaN" if math.isnan(v) else f"{v:g}"
+    return str(v)
+
+
+def _num(v: float) -> str:
+    r = round(float(v), 2)
+    return f"{(0.0 if r == 0 else r):.2f}"
+
+
+def _sorted_levels(values: pd.Series) -> list:
+    levels = pd.unique(values)
+    try:
+        return sorted(levels, key=lambda v: (pd.isna(v), v))
+    except TypeError:
+        return sorted(levels, key=str)
+
+
+def _grid(n: int, ncols: int, panel: tuple[float, float]):
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _usable(runs: pd.DataFrame, require_converged: bool):
+    sel = select_runs(runs, require_converged=require_converged)
+    if sel.n_runs == 0:
+        raise ValueError(f"nothing to plot: {sel.summary()}")
+    return sel
+
+
+def _table(table) -> pd.DataFrame:
+    if isinstance(table, pd.DataFrame):
+        return table
+    return read_correlation_table(table)
+
+
+def _bold_ours_ticks(labels) -> None:
+    for lab in labels:
+        if lab.get_text().endswith("(ours)"):
+            lab.set_color(OURS_COLOR)
+            lab.set_fontweight("bold")
+
+
+# ---------------------------------------------------------- measure vs generalization
+
+
+def plot_measure_vs_gap(
+    runs: pd.DataFrame, out: str | os.PathLike, *, target: str = "loss_gap",
+    measures: Sequence[str] | None = None, hue: str | None = None, ncols: int = 3,
+    panel: tuple[float, float] = PANEL, variant: str = "b", require_converged: bool = True,
+    dpi: int = 300,
+) -> list[Path]:
+    """Scatter of each measure (x) against ``target`` (y), one panel per measure.
+
+    Points are coloured by the hyperparameter axis ``hue`` (default: the non-seed axis with
+    the most distinct values; no colour when no axis varies) with an ordered palette and
+    one shared legend. Each panel's title gives Kendall's tau (:func:`kendall_tau`) and the
+    runs used. The x axis is logarithmic when the measure is positive and spans more than
+    two orders of magnitude. Left-out runs (status, convergence) are counted in the title.
+    """
+    require_columns(runs, [target])
+    measures = measure_columns(runs) if measures is None else list(measures)
+    if not measures:
+        raise ValueError("runs table has no measure column (names start with 'm_')")
+    require_columns(runs, measures)
+    sel = _usable(runs, require_converged)
+    use = sel.runs
+    if hue is None:
+        axes = axis_columns(use, nuisance=False, varying=True)
+        hue = max(axes, key=lambda a: use[a].nunique(dropna=False)) if axes else None
+    elif hue not in use.columns:
+        raise ValueError(f"hue column {hue!r} is not in the runs table")
+    g = numeric_column(use, target)
+    if hue is not None:
+        # Keyed by label, not value: NaN (an axis a combined study lacks) is not == NaN.
+        labels = list(dict.fromkeys(_value_label(v) for v in _sorted_levels(use[hue])))
+        palette = dict(zip(labels, sns.color_palette("viridis", len(labels))))
+    with _style():
+        fig, axs = _grid(len(measures), ncols, panel)
+        for ax, m in zip(axs, measures):
+            mu = numeric_column(use, m)
+            ok = np.isfinite(mu) & np.isfinite(g)
+            tau = kendall_tau(mu[ok], g[ok], variant=variant) if ok.sum() >= 2 else np.nan
+            tau_text = "τ = n/a" if not np.isfinite(tau) else f"τ = {tau:.2f}"
+            _style_title(ax, m, f"{tau_text}  (n = {int(ok.sum())})")
+            if not ok.any():
+                ax.text(0.5, 0.5, "no finite values", ha="center", va="center",
+                        transform=ax.transAxes)
+                continue
+            colors = ([palette[_value_label(v)] for v in use.loc[ok, hue]] if hue is not None
+                      else OURS_COLOR if is_ours(m) else BASE_COLOR)
+            ax.scatter(mu[ok], g[ok], c=colors, s=14, alpha=0.85, linewidths=0.3,
+                       edgecolors="white")
+            if _wants_log(mu[ok]):
+                ax.set_xscale("log")
+            ax.set_xlabel(short_name(m))
+            ax.set_ylabel(target)
+        if hue is not None:
+            handles = [Line2D([], [], marker="o", ls="", color=c, label=lab)
+                       for lab, c in palette.items()]
+            fig.legend(handles=handles, title=short_name(hue), loc="outside right upper")
+        fig.suptitle(f"measures vs {target}: {sel.summary()}", fontsize=8)
+        return _save(fig, out, dpi)
+
+
+# -------------------------------------------------------------------- tau and Psi
+
+
+def plot_tau_psi(
+    table, out: str | os.PathLike, *, targets: Sequence[str] | None = None,
+    panel_width: float = PANEL[0], dpi: int = 300,
+) -> list[Path]:
+    """Kendall tau and Psi of each measure with their confidence intervals, one panel per
+    target.
+
+    ``table`` is the output of :func:`~convflat.analysis.stats.correlation_table` or the path
+    of its CSV. Rows are measures (ours in red, bold, on a shaded band); tau is a filled
+    circle with its bootstrap CI over runs, Psi an open square with its bootstrap CI over
+    groups. A value that is NaN is simply not drawn (the table's note says why).
+    """
+    table = _table(table)
+    targets = table_targets(table) if targets is None else list(targets)
+    missing = [t for t in targets if f"{t}.tau" not in table.columns]
+    if missing or not targets:
+        raise ValueError(f"correlation table has no '<target>.tau' column for {missing or 'any'}")
+    names = [_label("m_" + m) for m in table.index]
+    y = np.arange(len(names), dtype=float)
+    with _style():
+        fig = Figure(figsize=(panel_width * len(targets), 0.3 * len(names) + 1.2),
+                     layout="constrained")
+        axs = np.atleast_1d(fig.subplots(1, len(targets), sharey=True, squeeze=False).ravel())
+        for ax, t in zip(axs, targets):
+            for k, m in enumerate(table.index):
+                color = OURS_COLOR if _label("m_" + m).endswith("(ours)") else BASE_COLOR
+                if color == OURS_COLOR:
+                    ax.axhspan(k - 0.45, k + 0.45, color=OURS_COLOR, alpha=0.08, lw=0)
+                drawn = False
+                for stat, dy, marker, face in (("tau", -0.15, "o", color),
+                                               ("psi", 0.15, "s", "white")):
+                    v = table.loc[m, f"{t}.{stat}"] if f"{t}.{stat}" in table else np.nan
+                    if not np.isfinite(v):
+                        continue
+                    drawn = True
+                    lo = table.loc[m, f"{t}.{stat}_lo"] if f"{t}.{stat}_lo" in table else np.nan
+                    hi = table.loc[m, f"{t}.{stat}_hi"] if f"{t}.{stat}_hi" in table else np.nan
+                    if np.isfinite(lo) and np.isfinite(hi):
+                        ax.plot([lo, hi], [k + dy, k + dy], color=color, lw=1.2)
+                    ax.plot([v], [k + dy], marker=marker, ms=5, color=color, mfc=face,
+                            mew=1.2, ls="")
+                if not drawn:  # the table's note says why
+                    ax.text(0.5, k, "undefined", color="0.4", ha="center", va="center",
+                            fontsize=6, fontstyle="italic")
+            ax.axvline(0.0, color="0.3", lw=0.8)
+            ax.set_xlim(-1.05, 1.05)
+            ax.set_xticks([-1.0, -0.5, 0.0, 0.5, 1.0])
+            ax.set_title(t)
+            ax.set_xlabel("correlation with " + t)
+        axs[0].set_yticks(y, names)
+        axs[0].set_ylim(len(names) - 0.5, -0.5)  # first measure on top
+        _bold_ours_ticks(axs[0].get_yticklabels())
+        handles = [
+            Line2D([], [], marker="o", color="0.25", label="τ (Kendall), bootstrap CI"),
+            Line2D([], [], marker="s", color="0.25", mfc="white", label="Ψ (granulated), CI"),
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+        return _save(fig, out, dpi)
+
+
+def plot_psi_heatmap(
+    table, out: str | os.PathLike, *, targets: Sequence[str] | None = None,
+    with_psi: bool = True, dpi: int = 300,
+) -> list[Path]:
+    """Heatmap of psi_i, measures (rows) by hyperparameter axes (columns), one panel per
+    target, annotated, diverging colour map on [-1, 1] centred at 0. ``with_psi`` adds the
+    mean Psi as a last column. ``table`` as in :func:`plot_tau_psi`. NaN cells stay blank."""
+    table = _table(table)
+    targets = table_targets(table) if targets is None else list(targets)
+    if not targets:
+        raise ValueError("correlation table has no '<target>.tau' column")
+    names = [_label("m_" + m) for m in table.index]
+    with _style():
+        mats = []
+        for t in targets:
+            cols = [c for c in table.columns if str(c).startswith(f"{t}.psi[")]
+            if with_psi and f"{t}.psi" in table.columns:
+                cols.append(f"{t}.psi")
+            mat = table[cols].astype(float)
+            mat.columns = [c[len(t) + 5 : -1] if c.endswith("]") else "Ψ" for c in cols]
+            mat.index = names
+            mats.append(mat)
+        width = sum(0.5 * max(1, m.shape[1]) + 1.6 for m in mats) + 0.6
+        fig = Figure(figsize=(max(3.5, width), 0.28 * len(names) + 1.3), layout="constrained")
+        axs = np.atleast_1d(fig.subplots(1, len(targets), squeeze=False).ravel())
+        for k, (ax, t, mat) in enumerate(zip(axs, targets, mats)):
+            if mat.shape[1] == 0 or not np.isfinite(mat.to_numpy()).any():
+                ax.text(0.5, 0.5, "no hyperparameter axis\nwith a usable group",
+                        ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                ax.set_title(t)
+                continue
+            text = mat.map(lambda v: "" if not np.isfinite(v) else _num(v))
+            ax.set_facecolor("0.93")  # NaN cells (undefined psi_i) show as light grey
+            with warnings.catch_warnings():  # seaborn 0.13 calls Colormap.set_bad
+                warnings.simplefilter("ignore", PendingDeprecationWarning)
+                sns.heatmap(mat, ax=ax, vmin=-1, vmax=1, center=0, cmap="vlag", annot=text,
+                            fmt="", annot_kws={"size": 6}, linewidths=0.5,
+                            linecolor="white", cbar=k == len(targets) - 1,
+                            cbar_kws={"label": "ψ", "shrink": 0.8}, yticklabels=k == 0,
+                            square=False)
+            ax.grid(False)
+            ax.set_title(t)
+            ax.tick_params(axis="x", rotation=45)
+            for lab in ax.get_xticklabels():
+                lab.set_horizontalalignment("right")
+                lab.set_rotation_mode("anchor")
+            if k == 0:
+                _bold_ours_ticks(ax.get_yticklabels())
+        return _save(fig, out, dpi)
+
+
+# ---------------------------------------------------------------- validation figures
+
+
+def plot_hutchinson_convergence(
+    df: pd.DataFrame, exact: float, out: str | os.PathLike, *, band: float = 1.96,
+    relative: bool = True, title: str | None = None, dpi: int = 300,
+) -> list[Path]:
+    """Stochastic trace estimates against the number of probes, with the exact trace.
+
+    ``df`` has columns ``probes``, ``estimate``, ``stderr`` and optionally ``method``
+    (e.g. ``hutchinson``, ``hutchpp``), one row per (method, probes). Left panel: the
+    estimate and the band estimate +- ``band`` * stderr (1.96: a 95 % normal interval) on a
+    log probe axis, the exact value as a dashed line. Right panel (``relative=True``): the
+    relative error |estimate - exact| / |exact| and ``band`` * stderr / |exact| on log-log
+    axes, where Hutchinson's m^(-1/2) decay is a straight line (absolute error if exact = 0).
+    """
+    require_columns(df, ["probes", "estimate", "stderr"], "convergence table")
+    if not np.isfinite(exact):
+        raise ValueError(f"exact must be finite, got {exact}")
+    df = df.copy()
+    if "method" not in df.columns:
+        df["method"] = "hutchinson"
+    for c in ("probes", "estimate", "stderr"):
+        df[c] = numeric_column(df, c)
+    dup = df.duplicated(["method", "probes"], keep=False)
+    if dup.any():
+        r = df.loc[dup].iloc[0]
+        raise ValueError(f"convergence table has several rows for method={r['method']!r}, "
+                         f"probes={r['probes']:g}; aggregate repeats first")
+    if df.empty:
+        raise ValueError("convergence table is empty")
+    methods = list(dict.fromkeys(df["method"]))
+    colors = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    scale = abs(exact) if exact != 0 else 1.0
+    with _style():
+        fig = Figure(figsize=(PANEL[0] * (2 if relative else 1), PANEL[1]),
+                     layout="constrained")
+        axs = np.atleast_1d(fig.subplots(1, 2 if relative else 1, squeeze=False).ravel())
+        ax = axs[0]
+        for m in methods:
+            d = df[df["method"] == m].sort_values("probes")
+            p, e, s = d["probes"].to_numpy(), d["estimate"].to_numpy(), d["stderr"].to_numpy()
+            ax.plot(p, e, marker="o", ms=3, color=colors[m], label=str(m))
+            ax.fill_between(p, e - band * s, e + band * s, color=colors[m], alpha=0.2, lw=0)
+        ax.axhline(exact, color="k", ls="--", lw=1, label="exact")
+        if (df["probes"] > 0).all():
+            ax.set_xscale("log")
+        ax.set_xlabel("probes")
+        ax.set_ylabel("trace estimate")
+        ax.legend(title=f"band: ±{band:g} s.e.")
+        if relative:
+            ax = axs[1]
+            for m in methods:
+                d = df[df["method"] == m].sort_values("probes")
+                p = d["probes"].to_numpy()
+                err = np.abs(d["estimate"].to_numpy() - exact) / scale
+                ax.plot(p, err, marker="o", ms=3, ls="", color=colors[m], label=f"{m} error")
+                ax.plot(p, band * d["stderr"].to_numpy() / scale, color=colors[m], ls="--",
+                        label=f"{m} ±{band:g} s.e.")
+            pos = df["probes"] > 0
+            if pos.all():
+                ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("probes")
+            ax.set_ylabel("relative error" if exact != 0 else "absolute error")
+            ax.legend()
+        if title:
+            fig.suptitle(title, fontsize=8)
+        return _save(fig, out, dpi)
+
+
+FALSE_FRIEND_COLUMNS = ("test_error", "m_hutchinson_trace", "m_conv_trace",
+                        "m_conv_relative_flatness")
+
+
+def plot_false_friend(
+    runs: pd.DataFrame, out: str | os.PathLike, *, axis: str = "hp_weight_decay",
+    columns: Sequence[str] | None = None, hue: str | None = None, ncols: int = 4,
+    panel: tuple[float, float] = (2.6, 2.3), require_converged: bool = True,
+    dpi: int = 300,
+) -> list[Path]:
+    """The "flatness is a false friend" figure (Granziol 2020, arXiv 2006.09091): test
+    error and curvature measures against weight decay, one panel per column.
+
+    ``columns`` default: those of ``test_error``, ``m_hutchinson_trace``, ``m_conv_trace``
+    and ``m_conv_relative_flatness`` that the table has (at least ``test_error`` and one
+    measure). Each panel shows the mean over runs at each value of ``axis`` (a line) with
+    +- one standard deviation (a band) and every run as a faint dot; with seeds as the only
+    other varying axis this is the spread over seeds. Runs that differ in other axes are
+    pooled unless ``hue`` names one of them (then one line per value). The x axis is
+    logarithmic (symmetric-log with a linear part below the smallest positive value when
+    0 is among the values); a y axis is logarithmic when the column is positive and spans
+    more than two orders of magnitude. Hessian traces fall as weight decay grows while test
+    error improves: the measures that are not scale-invariant call the better model sharper.
+    """
+    require_columns(runs, [axis])
+    if columns is None:
+        columns = [c for c in FALSE_FRIEND_COLUMNS if c in runs.columns]
+        if "test_error" not in columns or len(columns) < 2:
+            raise ValueError(
+                f"false-friend figure needs 'test_error' and one of {FALSE_FRIEND_COLUMNS[1:]};"
+                f" the runs table has {[c for c in FALSE_FRIEND_COLUMNS if c in runs.columns]}")
+    else:
+        columns = list(columns)
+        require_columns(runs, columns)
+    if hue is not None:
+        require_columns(runs, [hue])
+    sel = _usable(runs, require_converged)
+    use = sel.runs.copy()
+    use[axis] = numeric_column(use, axis)
+    x = use[axis].to_numpy()
+    others = [a for a in axis_columns(use, nuisance=False, varying=True) if a not in (axis, hue)]
+    with _style():
+        fig, axs = _grid(len(columns), ncols, panel)
+        for ax, col in zip(axs, columns):
+            use[col] = numeric_column(use, col)
+            d = use[np.isfinite(use[col].to_numpy()) & np.isfinite(x)]
+            _style_title(ax, col)
+            if d.empty:
+                ax.text(0.5, 0.5, "no finite values", ha="center", va="center",
+                        transform=ax.transAxes)
+                continue
+            color = OURS_COLOR if is_ours(col) else BASE_COLOR
+            kw = {"hue": hue, "palette": "viridis"} if hue else {"color": color}
+            sns.lineplot(d, x=axis, y=col, estimator="mean", errorbar="sd", marker="o",
+                         ms=4, ax=ax, legend=bool(hue) and ax is axs[0], **kw)
+            ax.scatter(d[axis], d[col], s=6, alpha=0.35,
+                       color="0.3" if hue else color, linewidths=0)
+            xs = d[axis].to_numpy()
+            if (xs > 0).all():
+                ax.set_xscale("log")
+            elif (xs >= 0).all() and (xs > 0).any():
+                ax.set_xscale("symlog", linthresh=float(xs[xs > 0].min()))
+            if _wants_log(d[col].to_numpy()):
+                ax.set_yscale("log")
+            ax.set_xlabel(short_name(axis))
+            ax.set_ylabel(short_name(col))
+        note = f"mean ± sd; {sel.summary()}"
+        if others:
+            note += "; pooled over " + ", ".join(short_name(a) for a in others)
+        fig.suptitle(note, fontsize=7)
+        return _save(fig, out, dpi)
