@@ -6,6 +6,13 @@ flatness of arXiv 2603.09016, with the baselines and the statistics that judge t
 
 __version__ = "0.1.0"
 
-from convflat.curvature import CurvatureResult, exact_curvature, find_head  # noqa: E402
-
 __all__ = ["__version__", "CurvatureResult", "exact_curvature", "find_head"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import convflat.analysis` (pandas only) should not pay for importing torch.
+    if name in ("CurvatureResult", "exact_curvature", "find_head"):
+        from convflat import curvature
+
+        return getattr(curvature, name)
+    raise AttributeError(f"module 'convflat' has no attribute {name!r}")
