@@ -124,10 +124,12 @@ def _backpack_oracle(model, layer, batches):
     from backpack.extensions import DiagGGNExact
 
     ext = extend(copy.deepcopy(model).eval(), use_converter=True)
+    key = layer.replace(".", "_")
+    for name, p in ext.named_parameters():  # the oracle for this one kernel, nothing more
+        p.requires_grad_(name.replace(".", "_") == f"{key}_weight")
     lossf = extend(nn.CrossEntropyLoss())  # BackPACK needs the loss module's own output
     n = sum(int(y.shape[0]) for _, y in batches)
     total = 0.0
-    key = layer.replace(".", "_")
     for x, y in batches:
         ext.zero_grad()
         loss = lossf(ext(x), y)
