@@ -1,0 +1,202 @@
+r"""Sharpness: how much the training loss rises under a bounded or random weight perturbation.
+
+All four measures perturb every trainable parameter (weights, biases, BatchNorm affine
+parameters; running statistics are buffers and stay fixed), evaluate the mean cross-entropy
+:math:`L` over the whole training set (``max_samples`` subsamples it), and restore the exact
+original weights afterwards, also when an exception interrupts them.
+
+With a scale vector ``c`` (``c = 1`` plain, ``c = |w| + eta`` adaptive/elementwise):
+
+* worst case (Foret et al. 2021, SAM's rho-sharpness; Kwon et al. 2021, ASAM; Andriushchenko
+  et al. 2023, Section 3):
+
+  .. math:: S_{\max}^\rho = \max_{\|\delta \oslash c\|_p \le \rho} L(w + \delta) - L(w);
+
+* average case (Andriushchenko et al. 2023, Section 3; Jiang et al. 2020 Section 6 discuss
+  the same quantity as the PAC-Bayes perturbation):
+
+  .. math:: S_{\mathrm{avg}}^\sigma = \mathbb E_{z \sim N(0, I)} L(w + \sigma\, c \odot z) - L(w).
+
+With ``c = |w|`` and ``eta = 0`` both are invariant under any function-preserving diagonal
+rescaling :math:`w \mapsto Dw` (ReLU filter rescaling included): the perturbation set (and the
+seeded noise) scale with the weights, :math:`L(Dw + |Dw| \odot \varepsilon) = L(w + |w| \odot
+\varepsilon)`. ASAM's ``eta > 0`` (used in training to move zero weights) breaks this slightly.
+
+Sources: Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization", ICLR 2021;
+Kwon, Kim, Park, Choi, "ASAM: Adaptive Sharpness-Aware Minimization", ICML 2021;
+Andriushchenko, Croce, Müller, Hein, Flammarion, "A Modern Look at the Relationship between
+Sharpness and Generalization", ICML 2023. Andriushchenko et al. average the worst case over
+random batches of m samples (m-sharpness); here m is the whole (sub)set, the setting of
+Keskar et al. 2017 and Jiang et al. 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from convflat.measures.base import register
+from convflat.measures.context import Context, perturbed
+
+__all__ = ["average_sharpness", "worst_case_sharpness"]
+
+
+def _scales(params, adaptive: bool, eta: float) -> list[torch.Tensor]:
+    if adaptive:
+        return [p.detach().abs() + eta for p in params]
+    return [torch.ones_like(p) for p in params]
+
+
+def _norm(ts: list[torch.Tensor], p: str) -> torch.Tensor:
+    if p == "l2":
+        return torch.sqrt(sum((t.double() ** 2).sum() for t in ts))
+    return max(t.abs().max().double() for t in ts)
+
+
+def worst_case_sharpness(
+    ctx: Context,
+    *,
+    rho: float,
+    steps: int,
+    norm: str = "l2",
+    adaptive: bool = False,
+    eta: float = 0.0,
+    step_fraction: float = 0.5,
+) -> dict[str, Any]:
+    r"""Projected gradient ascent on :math:`L(w + c \odot \varepsilon)` over
+    :math:`\|\varepsilon\|_p \le \rho` (``norm`` "l2" or "linf").
+
+    The ascent runs in the rescaled variable :math:`\varepsilon = \delta \oslash c`, where the
+    gradient is :math:`\tilde g = c \odot \nabla L(w + c \odot \varepsilon)`. Step 1 goes
+    straight to the boundary, :math:`\varepsilon = \rho\,\tilde g/\|\tilde g\|_2` (l2) or
+    :math:`\rho\,\mathrm{sign}(\tilde g)` (linf): the one-step solution of SAM (plain) and
+    ASAM (adaptive). Each further step moves by ``step_fraction * rho`` along the normalised
+    (l2) or signed (linf) gradient and projects back onto the ball. The result is the largest
+    loss increase over all iterates, including :math:`\varepsilon = 0`, so it is >= 0 and
+    exactly 0 for ``rho = 0``. ``steps`` gradient evaluations plus one forward pass.
+    """
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if rho < 0 or steps < 1:
+        raise ValueError(f"need rho >= 0 and steps >= 1, got rho={rho}, steps={steps}")
+    params = ctx.params()
+    scale = _scales(params, adaptive, eta)
+    eps = [torch.zeros_like(p) for p in params]
+    base, best, best_loss = None, 0.0, None
+
+    def delta() -> list[torch.Tensor]:
+        return [c * e for c, e in zip(scale, eps)]
+
+    moved = False  # whether eps changed since the last loss evaluation
+    for t in range(steps):
+        with perturbed(params, delta()):
+            loss, grads = ctx.loss_and_grad(params)
+        if base is None:
+            base, best_loss = loss, loss  # the same code path as every perturbed loss
+        if loss - base > best:
+            best, best_loss = loss - base, loss
+        g = [c * gr for c, gr in zip(scale, grads)]
+        alpha = rho if t == 0 else step_fraction * rho
+        moved = False
+        if alpha == 0.0:
+            break  # rho = 0: the ball is the point w
+        if norm == "l2":
+            gn = float(_norm(g, "l2"))
+            if gn == 0.0:
+                break  # a stationary point of the rescaled loss: no ascent direction
+            eps = [e + (alpha / gn) * gi for e, gi in zip(eps, g)]
+            en = float(_norm(eps, "l2"))
+            if en > rho:
+                eps = [e * (rho / en) for e in eps]
+        else:
+            eps = [(e + alpha * gi.sign()).clamp(-rho, rho) for e, gi in zip(eps, g)]
+        moved = True
+    if moved:  # the last ascent step has not been evaluated yet
+        with perturbed(params, delta()):
+            loss, _ = ctx.loss_accuracy()
+        if loss - base > best:
+            best, best_loss = loss - base, loss
+    return {"value": best, "loss": best_loss, "base_loss": base}
+
+
+def average_sharpness(
+    ctx: Context, *, sigma: float, samples: int, adaptive: bool = False, eta: float = 0.0,
+) -> dict[str, Any]:
+    r"""Monte Carlo :math:`\mathbb E_z L(w + \sigma\, c \odot z) - L(w)`, z standard normal.
+
+    ``sigma`` is a standard deviation (relative to ``|w|`` when adaptive). ``samples`` draws
+    from a CPU generator seeded with the measurement seed (common random numbers: the same
+    seed gives the same z for every model of the same shape). Returns the mean and its standard
+    error over the draws.
+    """
+    if samples < 1 or sigma < 0:
+        raise ValueError(f"need samples >= 1 and sigma >= 0, got {samples}, {sigma}")
+    params = ctx.params()
+    scale = _scales(params, adaptive, eta)
+    base, _ = ctx.loss_accuracy()
+    gen = ctx.generator()
+    rises = []
+    for _ in range(samples):
+        z = ctx.randn_like_params(params, gen)
+        with perturbed(params, [sigma * c * zi for c, zi in zip(scale, z)]):
+            loss, _ = ctx.loss_accuracy()
+        rises.append(loss - base)
+    r = torch.tensor(rises, dtype=torch.float64)
+    stderr = float(r.std() / math.sqrt(samples)) if samples > 1 else None
+    return {"value": float(r.mean()), "stderr": stderr, "base_loss": base}
+
+
+@register(
+    "sharpness_worst",
+    defaults={"rho": 0.05, "steps": 5, "norm": "l2", "step_fraction": 0.5},
+    theory="changes",
+    source="Foret et al. 2021 (rho-sharpness); Keskar et al. 2017",
+)
+def sharpness_worst(ctx: Context, *, rho: float, steps: int, norm: str,
+                    step_fraction: float) -> dict[str, Any]:
+    r"""Worst-case rho-sharpness :math:`\max_{\|\delta\|_p\le\rho} L(w+\delta) - L(w)`, by
+    ``steps`` steps of projected gradient ascent (see :func:`worst_case_sharpness`)."""
+    return worst_case_sharpness(ctx, rho=rho, steps=steps, norm=norm, adaptive=False,
+                                step_fraction=step_fraction)
+
+
+@register(
+    "sharpness_adaptive",
+    defaults={"rho": 0.5, "steps": 5, "norm": "l2", "eta": 0.0, "step_fraction": 0.5},
+    theory="invariant",
+    source="Kwon et al. 2021 (ASAM); Andriushchenko et al. 2023, adaptive worst-case sharpness",
+)
+def sharpness_adaptive(ctx: Context, *, rho: float, steps: int, norm: str, eta: float,
+                       step_fraction: float) -> dict[str, Any]:
+    r"""Elementwise-adaptive worst-case sharpness
+    :math:`\max_{\|\delta \oslash (|w|+\eta)\|_p\le\rho} L(w+\delta) - L(w)`
+    (ASAM's :math:`T_w = \mathrm{diag}(|w|)`), by projected gradient ascent."""
+    return worst_case_sharpness(ctx, rho=rho, steps=steps, norm=norm, adaptive=True, eta=eta,
+                                step_fraction=step_fraction)
+
+
+@register(
+    "sharpness_avg",
+    defaults={"sigma": 0.01, "samples": 10},
+    theory="changes",
+    source="Andriushchenko et al. 2023, average-case sharpness; Jiang et al. 2020",
+)
+def sharpness_avg(ctx: Context, *, sigma: float, samples: int) -> dict[str, Any]:
+    r"""Average-case sharpness :math:`\mathbb E_{\delta\sim N(0,\sigma^2 I)} L(w+\delta) - L(w)`
+    (see :func:`average_sharpness`)."""
+    return average_sharpness(ctx, sigma=sigma, samples=samples, adaptive=False)
+
+
+@register(
+    "sharpness_avg_adaptive",
+    defaults={"sigma": 0.1, "samples": 10, "eta": 0.0},
+    theory="invariant",
+    source="Andriushchenko et al. 2023, adaptive average-case sharpness",
+)
+def sharpness_avg_adaptive(ctx: Context, *, sigma: float, samples: int,
+                           eta: float) -> dict[str, Any]:
+    r"""Adaptive average-case sharpness
+    :math:`\mathbb E_{z} L(w + \sigma (|w|+\eta)\odot z) - L(w)`, z standard normal."""
+    return average_sharpness(ctx, sigma=sigma, samples=samples, adaptive=True, eta=eta)
