@@ -1,0 +1,633 @@
+"""Floor 2: datasets -> one canonical tensor file -> normalized tensors on a device.
+
+Every source (a torchvision benchmark, scikit-learn's digits, a user's ``.npz`` or image
+folder) is turned by :func:`prepare` into one file, ``<root>/prepared/<slug>.pt``::
+
+    {"format": "convflat-data/1", "name": str,
+     "x_train": uint8 (N, C, H, W), "y_train": int64 (N,),      # labels after label noise
+     "x_test":  uint8 (M, C, H, W), "y_test":  int64 (M,),
+     "classes": list[str] (K names), "mean": float32 (C,), "std": float32 (C,),
+     "meta": {...}}                                             # see :func:`prepare`
+
+so that training reads one tensor file, not thousands of images. ``mean`` and ``std`` are the
+per-channel statistics of the training images in [0, 1] units; :meth:`Prepared.tensors` maps
+``x`` to ``(x / 255 - mean) / std``.
+
+Dataset names (:data:`DATASETS`): ``mnist``, ``fashion-mnist``, ``kmnist``, ``cifar10``,
+``cifar100``, ``svhn`` (torchvision, with torchvision's own download and checksum code),
+``sklearn-digits`` (8 x 8 grayscale, ships with scikit-learn: no network), ``npz:PATH`` and
+``folder:PATH``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from convflat.io import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+DATA_FORMAT = "convflat-data/1"
+
+# name -> (torchvision class, how the split is chosen)
+TORCHVISION = {
+    "mnist": ("MNIST", "train"),
+    "fashion-mnist": ("FashionMNIST", "train"),
+    "kmnist": ("KMNIST", "train"),
+    "cifar10": ("CIFAR10", "train"),
+    "cifar100": ("CIFAR100", "train"),
+    "svhn": ("SVHN", "split"),
+}
+DATASETS = (*TORCHVISION, "sklearn-digits", "npz:PATH", "folder:PATH")
+_ALIASES = {
+    "fashionmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10",
+    "cifar-100": "cifar100", "digits": "sklearn-digits", "sklearn_digits": "sklearn-digits",
+}
+
+# Augmentation a dataset is trained with unless the TrainConfig says otherwise: random crop
+# after zero-padding by `crop_padding` pixels per side, and horizontal flips. Flips are on only
+# for natural photographs and clothing, never for digits, letters or house numbers; the 8 x 8
+# digits are not augmented at all. npz and folder data: crop by H / 8, no flips.
+DEFAULT_AUGMENT = {
+    "cifar10": {"crop_padding": 4, "flip": True},
+    "cifar100": {"crop_padding": 4, "flip": True},
+    "svhn": {"crop_padding": 4, "flip": False},
+    "mnist": {"crop_padding": 2, "flip": False},
+    "kmnist": {"crop_padding": 2, "flip": False},
+    "fashion-mnist": {"crop_padding": 2, "flip": True},
+    "sklearn-digits": {"crop_padding": 0, "flip": False},  # 1 pixel is 1/8 of the image
+}
+
+_STD_FLOOR = 1.0 / 255.0  # a constant channel gets std 1/255 instead of 0 (no division by 0)
+
+
+def canonical_name(name: str) -> str:
+    """Lower-case a benchmark name and resolve aliases; ``npz:``/``folder:`` keep their path."""
+    kind, sep, rest = str(name).partition(":")
+    if sep and kind.lower() in ("npz", "folder"):
+        if not rest:
+            raise ValueError(f"dataset {name!r}: give a path after '{kind}:'")
+        return f"{kind.lower()}:{rest}"
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in TORCHVISION and key != "sklearn-digits":
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return key
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(x / 255 - mean) / std`` per channel: uint8 (B, C, H, W) -> ``dtype`` (B, C, H, W).
+
+    The one normalization used everywhere (evaluation tensors and training batches), so
+    that training and measurement see bit-identical inputs for the same image.
+    """
+    shape = (1, -1, 1, 1)
+    mean = mean.to(device=x.device, dtype=dtype).view(shape)
+    std = std.to(device=x.device, dtype=dtype).view(shape)
+    return (x.to(dtype) / 255 - mean) / std
+
+
+# --------------------------------------------------------------------------------------------
+# The canonical in-memory form
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class Prepared:
+    """A prepared dataset in memory: uint8 images, int64 labels, class names, statistics.
+
+    ``x_train`` (N, C, H, W) uint8, ``y_train`` (N,) int64 (noisy labels when label noise was
+    applied; the clean ones are ``meta["y_train_clean"]``), ``x_test`` (M, C, H, W), ``y_test``
+    (M,), ``classes`` (K names), ``mean`` / ``std`` (C,) float32 in [0, 1] units, ``name``,
+    ``meta`` (provenance of the split, subset and noise; see :func:`prepare`), ``path``.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    mean: torch.Tensor
+    std: torch.Tensor
+    meta: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) in pixels."""
+        return int(self.x_train.shape[2]), int(self.x_train.shape[3])
+
+    @property
+    def augment(self) -> dict[str, Any]:
+        """The dataset's default augmentation, ``{"crop_padding": int, "flip": bool}``."""
+        return dict(self.meta.get("augment") or {"crop_padding": 0, "flip": False})
+
+    def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw ``(uint8 images, int64 labels)`` of ``"train"``, ``"test"`` or
+        ``"train_clean"`` (training images with the labels before noise)."""
+        if split == "train":
+            return self.x_train, self.y_train
+        if split == "test":
+            return self.x_test, self.y_test
+        if split == "train_clean":
+            return self.x_train, self.meta.get("y_train_clean", self.y_train)
+        raise ValueError(f"split must be 'train', 'test' or 'train_clean', got {split!r}")
+
+    def tensors(self, split: str, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized images ``(x / 255 - mean) / std`` as ``dtype`` (N, C, H, W) on
+        ``device``, and int64 labels (N,)."""
+        x, y = self.split(split)
+        x = x.to(device)
+        return normalize(x, self.mean, self.std, dtype), y.to(device)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary: name, sizes, shapes, noise and subset."""
+        return {
+            "name": self.name,
+            "path": None if self.path is None else str(self.path),
+            "n_train": int(self.x_train.shape[0]),
+            "n_test": int(self.x_test.shape[0]),
+            "num_classes": self.num_classes,
+            "image_shape": list(self.x_train.shape[1:]),
+            "subset": self.meta.get("subset"),
+            "label_noise": self.meta.get("label_noise", 0.0),
+            "seed": self.meta.get("seed"),
+        }
+
+
+def load_prepared(path: str | os.PathLike) -> Prepared:
+    """Read a file written by :func:`prepare` (``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prepared dataset {path} does not exist (run `convflat prepare`)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file gets the same clear message
+        raise ValueError(f"{path} is not a convflat prepared dataset: {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != DATA_FORMAT:
+        raise ValueError(f"{path} is not a convflat prepared dataset (format {DATA_FORMAT!r})")
+    for key in ("x_train", "y_train", "x_test", "y_test", "classes", "mean", "std"):
+        if key not in obj:
+            raise ValueError(f"{path}: prepared dataset lacks key {key!r}")
+    return Prepared(
+        name=obj["name"], x_train=obj["x_train"], y_train=obj["y_train"], x_test=obj["x_test"],
+        y_test=obj["y_test"], classes=list(obj["classes"]), mean=obj["mean"], std=obj["std"],
+        meta=dict(obj.get("meta") or {}), path=path,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# prepare: any source -> the canonical file
+# --------------------------------------------------------------------------------------------
+
+
+def default_path(name: str, *, root: str | os.PathLike = "data", subset: int | None = None,
+                 label_noise: float = 0.0, seed: int = 0, test_fraction: float = 0.2) -> Path:
+    """``<root>/prepared/<slug>.pt``; the slug names the dataset and every non-default option,
+    e.g. ``cifar10.pt``, ``sklearn-digits_n500_noise0.2_seed1.pt``."""
+    name = canonical_name(name)
+    kind, _, rest = name.partition(":")
+    slug = f"{kind}-{Path(rest).stem or Path(rest).name}" if rest else kind
+    parts = [slug]
+    if subset is not None:
+        parts.append(f"n{int(subset)}")
+    if label_noise:
+        parts.append(f"noise{float(label_noise):g}")
+    if seed:
+        parts.append(f"seed{int(seed)}")
+    if float(test_fraction) != 0.2:
+        parts.append(f"test{float(test_fraction):g}")
+    return Path(root) / "prepared" / ("_".join(parts) + ".pt")
+
+
+def prepare(
+    name: str,
+    *,
+    root: str | os.PathLike = "data",
+    out: str | os.PathLike | None = None,
+    subset: int | None = None,
+    label_noise: float = 0.0,
+    seed: int = 0,
+    download: bool = True,
+    test_fraction: float = 0.2,
+    overwrite: bool = False,
+) -> Path:
+    """Turn dataset ``name`` into one canonical ``.pt`` file and return its path.
+
+    Steps, each recorded in ``meta``:
+
+    1. Load. torchvision benchmarks live under ``root`` (torchvision's layout); one already
+       there is read without touching the network, a missing one is downloaded (and checked
+       by torchvision's MD5 sums) only if ``download``. Sources without a given split
+       (``sklearn-digits``, ``npz`` with ``x, y``) are split class by class: a fraction
+       ``test_fraction`` of each class goes to the test set (``meta["split"] = "random"``).
+    2. Subset: keep ``subset`` training images drawn uniformly without replacement
+       (``meta["train_indices"]``: their indices in the full training split).
+    3. Label noise: exactly ``round(label_noise * N)`` training images, drawn uniformly, get a
+       label drawn uniformly from the K - 1 *other* classes (so the noise fraction is exact).
+       ``y_train`` holds the noisy labels; ``meta["y_train_clean"]`` the clean ones and
+       ``meta["noise_mask"]`` (N,) bool which were changed.
+    4. Statistics: per-channel mean and std of the (subset) training images in [0, 1] units.
+
+    The split, the subset and the noise each draw from their own generator derived from
+    ``seed``, so the same arguments give the same file. An existing ``out`` written by the
+    same request is reused unless ``overwrite``. ``out`` defaults to :func:`default_path`.
+    """
+    name = canonical_name(name)
+    if subset is not None and (int(subset) != subset or int(subset) < 1):
+        raise ValueError(f"subset must be a positive number of images, got {subset!r}")
+    if not 0.0 <= float(label_noise) < 1.0:
+        raise ValueError(f"label_noise must be a fraction in [0, 1), got {label_noise!r}")
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    out = Path(out) if out is not None else default_path(
+        name, root=root, subset=subset, label_noise=label_noise, seed=seed,
+        test_fraction=test_fraction)
+    request = _request(name, subset, label_noise, seed, test_fraction)
+    if out.is_file() and not overwrite:
+        try:
+            existing = load_prepared(out)
+        except (ValueError, FileNotFoundError):
+            existing = None
+        if existing is not None and existing.meta.get("request") == request:
+            log.info("reusing %s (same request)", out)
+            return out
+
+    x_tr, y_tr, x_te, y_te, classes, source, split_kind = _load_source(
+        name, Path(root), download=download, test_fraction=test_fraction, seed=seed)
+    n_full = int(x_tr.shape[0])
+    train_indices = None
+    if subset is not None:
+        if subset > n_full:
+            raise ValueError(f"subset={subset} exceeds the {n_full} training images of {name}")
+        perm = torch.randperm(n_full, generator=seeded_generator(seed, "subset"))
+        train_indices = perm[: int(subset)].sort().values
+        x_tr, y_tr = x_tr[train_indices], y_tr[train_indices]
+    y_clean = y_tr.clone()
+    y_noisy, mask = _apply_label_noise(y_tr, len(classes), float(label_noise), seed)
+    mean, std = _channel_stats(x_tr)
+
+    base = name.split(":")[0]
+    augment = DEFAULT_AUGMENT.get(base) or {
+        "crop_padding": max(1, round(min(x_tr.shape[2:]) / 8)), "flip": False}
+    meta = {
+        "source": source,
+        "request": request,
+        "split": split_kind,
+        "test_fraction": float(test_fraction) if split_kind == "random" else None,
+        "n_train_full": n_full,
+        "subset": None if subset is None else int(subset),
+        "train_indices": train_indices,
+        "label_noise": float(label_noise),
+        "n_noisy": int(mask.sum()),
+        "noise_mask": mask,
+        "y_train_clean": y_clean,
+        "seed": int(seed),
+        "augment": dict(augment),
+    }
+    obj = {
+        "format": DATA_FORMAT, "name": name, "x_train": x_tr.contiguous(), "y_train": y_noisy,
+        "x_test": x_te.contiguous(), "y_test": y_te, "classes": [str(c) for c in classes],
+        "mean": mean, "std": std, "meta": meta,
+    }
+    atomic_torch_save(out, obj)
+    log.info("prepared %s: %d train, %d test, %d classes, images %s -> %s", name,
+             x_tr.shape[0], x_te.shape[0], len(classes), tuple(x_tr.shape[1:]), out)
+    return out
+
+
+def _request(name: str, subset, label_noise, seed, test_fraction) -> dict[str, Any]:
+    """What a prepared file was asked for; a later identical request reuses the file. For an
+    npz source the file's size and modification time are part of it, so an edited file is
+    prepared again."""
+    req = {"name": name, "subset": None if subset is None else int(subset),
+           "label_noise": float(label_noise), "seed": int(seed),
+           "test_fraction": float(test_fraction)}
+    if name.startswith("npz:"):
+        p = Path(name[4:])
+        if p.is_file():
+            st = p.stat()
+            req["source_stat"] = [int(st.st_size), int(st.st_mtime_ns)]
+    return req
+
+
+def seeded_generator(seed: int, stream: str) -> torch.Generator:
+    """An independent, reproducible CPU generator per (seed, purpose): the torch seed is
+    ``numpy.random.SeedSequence([seed, *map(ord, stream)])``'s first 64-bit word."""
+    words = [int(seed) & 0xFFFFFFFF, *(ord(c) for c in stream)]
+    state = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(state)
+
+
+def _apply_label_noise(y: torch.Tensor, num_classes: int, fraction: float,
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the labels of exactly ``round(fraction * N)`` samples by a uniformly drawn
+    *different* class: ``y' = (y + U{1..K-1}) mod K``. Returns (noisy labels, changed mask)."""
+    n = int(y.shape[0])
+    mask = torch.zeros(n, dtype=torch.bool)
+    if fraction <= 0.0:
+        return y.clone(), mask
+    if num_classes < 2:
+        raise ValueError("label noise needs at least two classes")
+    gen = seeded_generator(seed, "label_noise")
+    chosen = torch.randperm(n, generator=gen)[: round(fraction * n)]
+    shift = torch.randint(1, num_classes, (chosen.numel(),), generator=gen)
+    noisy = y.clone()
+    noisy[chosen] = (y[chosen] + shift) % num_classes
+    mask[chosen] = True
+    return noisy, mask
+
+
+def _channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (population) of uint8 (N, C, H, W) images in [0, 1] units,
+    accumulated in float64 over chunks so memory stays small."""
+    c = x.shape[1]
+    s1 = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i : i + chunk].to(torch.float64) / 255
+        s1 += xb.sum(dim=(0, 2, 3))
+        s2 += (xb * xb).sum(dim=(0, 2, 3))
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s1 / count
+    std = (s2 / count - mean * mean).clamp_min(0).sqrt().clamp_min(_STD_FLOOR)
+    return mean.float(), std.float()
+
+
+def _stratified_split(y: torch.Tensor, test_fraction: float,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, test): ``round(test_fraction * n_c)`` of each class c go to the test
+    set, drawn uniformly; both index lists are returned sorted."""
+    gen = seeded_generator(seed, "split")
+    test = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        k = round(test_fraction * idx.numel())
+        test.append(idx[torch.randperm(idx.numel(), generator=gen)[:k]])
+    test_idx = torch.cat(test).sort().values
+    keep = torch.ones(y.shape[0], dtype=torch.bool)
+    keep[test_idx] = False
+    return torch.nonzero(keep).flatten(), test_idx
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+def _load_source(name: str, root: Path, *, download: bool, test_fraction: float, seed: int):
+    """-> (x_train, y_train, x_test, y_test, classes, source, split kind)."""
+    if name in TORCHVISION:
+        return (*_load_torchvision(name, root, download), f"torchvision:{name}", "given")
+    if name == "sklearn-digits":
+        x, y, classes = _load_digits()
+        tr, te = _stratified_split(y, test_fraction, seed)
+        return x[tr], y[tr], x[te], y[te], classes, "sklearn:load_digits", "random"
+    path = Path(name.split(":", 1)[1]).expanduser()
+    if name.startswith("npz:"):
+        x_tr, y_tr, x_te, y_te, classes, kind = _load_npz(path, test_fraction, seed)
+        return x_tr, y_tr, x_te, y_te, classes, f"npz:{path.resolve()}", kind
+    return (*_load_folder(path), f"folder:{path.resolve()}", "given")
+
+
+def _load_digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """scikit-learn's 1797 digits: 8 x 8 pixels with values 0..16, rescaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    return torch.from_numpy(x), torch.from_numpy(d.target.astype(np.int64)), [
+        str(c) for c in d.target_names]
+
+
+def _load_torchvision(name: str, root: Path, download: bool):
+    """Read a torchvision benchmark from ``root``; download it only when it is missing."""
+    import torchvision.datasets as tvd
+
+    cls_name, split_kind = TORCHVISION[name]
+    cls = getattr(tvd, cls_name)
+
+    def build(train: bool, dl: bool):
+        kw = {"split": "train" if train else "test"} if split_kind == "split" else {"train": train}
+        return cls(str(root), download=dl, **kw)
+
+    parts = []
+    for train in (True, False):
+        try:
+            ds = build(train, False)  # on disk: read, never download again
+        except RuntimeError as exc:
+            if not download:
+                raise FileNotFoundError(
+                    f"{name} is not in {root} and download is off ({exc})") from exc
+            log.info("downloading %s into %s", name, root)
+            try:
+                ds = build(train, True)
+            except Exception as exc2:  # network errors come in many types
+                raise FileNotFoundError(
+                    f"{name} is not in {root} and downloading it failed: {exc2}") from exc2
+        data = ds.data
+        x = torch.as_tensor(np.asarray(data))
+        if x.ndim == 3:  # MNIST family: (N, H, W)
+            x = x[:, None]
+        elif split_kind == "train":  # CIFAR: (N, H, W, C)
+            x = x.permute(0, 3, 1, 2)
+        labels = getattr(ds, "targets", None)
+        if labels is None:
+            labels = ds.labels  # SVHN (torchvision already maps label 10 to 0)
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        parts.append((x.to(torch.uint8).contiguous(), y))
+        classes = list(getattr(ds, "classes", None) or [str(i) for i in range(int(y.max()) + 1)])
+    (x_tr, y_tr), (x_te, y_te) = parts
+    return x_tr, y_tr, x_te, y_te, classes
+
+
+# ---- npz ------------------------------------------------------------------------------------
+
+_NPZ_SPLIT = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _load_npz(path: Path, test_fraction: float, seed: int):
+    """Read and check a user's ``.npz`` (see :func:`prepare`); every error names the key and
+    the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"npz file {path} does not exist")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:  # zip errors, pickled objects, truncated files
+        raise ValueError(f"{path}: cannot read as .npz without pickles ({exc})") from exc
+    keys = set(arrays)
+    if set(_NPZ_SPLIT) <= keys:
+        kind, img_keys, lab_keys = "given", ("x_train", "x_test"), ("y_train", "y_test")
+    elif {"x", "y"} <= keys:
+        kind, img_keys, lab_keys = "random", ("x",), ("y",)
+    else:
+        present = [k for k in _NPZ_SPLIT if k in keys]
+        if present:
+            missing = [k for k in _NPZ_SPLIT if k not in keys]
+        else:
+            missing = [k for k in ("x", "y") if k not in keys]
+        raise ValueError(
+            f"{path}: missing key {missing[0]!r} (an npz dataset needs x_train, y_train, "
+            f"x_test, y_test, or x, y and a test fraction; found keys {sorted(keys)})")
+
+    images = {k: _npz_images(arrays[k], k, path) for k in img_keys}
+    scale = _npz_scale(images, path)
+    images = {k: _to_uint8(v, scale) for k, v in images.items()}
+    shapes = {k: tuple(v.shape[1:]) for k, v in images.items()}
+    if len(set(shapes.values())) > 1:
+        (k0, s0), (k1, s1) = list(shapes.items())
+        raise ValueError(f"{path}: images of key {k1!r} have shape C x H x W = {s1}, but "
+                         f"those of key {k0!r} have {s0}")
+    labels = {}
+    for xk, yk in zip(img_keys, lab_keys):
+        labels[yk] = _npz_labels(arrays[yk], yk, path)
+        if labels[yk].shape[0] != images[xk].shape[0]:
+            raise ValueError(f"{path}: key {yk!r} has {labels[yk].shape[0]} labels but key "
+                             f"{xk!r} has {images[xk].shape[0]} images")
+
+    if "classes" in arrays:
+        classes = [str(c) for c in np.asarray(arrays["classes"]).reshape(-1).tolist()]
+        k = len(classes)
+    else:
+        k = max(int(v.max()) for v in labels.values()) + 1
+        classes = [str(i) for i in range(k)]
+    for yk, y in labels.items():
+        bad = np.nonzero((y < 0) | (y >= k))[0]
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{path}: key {yk!r} has label {int(y[i])} at index {i}, outside "
+                             f"0..{k - 1} ({k} classes{' from key classes' if 'classes' in arrays else ''})")
+
+    as_t = {kk: torch.from_numpy(np.ascontiguousarray(v)) for kk, v in {**images, **labels}.items()}
+    if kind == "given":
+        return (as_t["x_train"], as_t["y_train"], as_t["x_test"], as_t["y_test"], classes, kind)
+    tr, te = _stratified_split(as_t["y"], test_fraction, seed)
+    return as_t["x"][tr], as_t["y"][tr], as_t["x"][te], as_t["y"][te], classes, kind
+
+
+def _npz_images(a: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """N x C x H x W or N x H x W, numeric, finite, non-empty -> N x C x H x W."""
+    if a.ndim == 3:
+        a = a[:, None]
+    elif a.ndim != 4:
+        raise ValueError(f"{path}: key {key!r} has rank {a.ndim} (shape {a.shape}); images must "
+                         "be N x C x H x W or N x H x W")
+    if a.shape[0] == 0:
+        raise ValueError(f"{path}: key {key!r} holds no images")
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.number):
+        raise ValueError(f"{path}: key {key!r} has dtype {a.dtype}; images must be uint8 or float")
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        i = int(np.argwhere(~np.isfinite(a))[0][0])
+        raise ValueError(f"{path}: key {key!r} contains NaN or infinite values (first in image {i})")
+    return a
+
+
+def _npz_scale(images: dict[str, np.ndarray], path: Path) -> float:
+    """Factor to uint8: float images all in [0, 1] are scaled by 255, images in [0, 255] are
+    rounded as they are; anything else is an error naming the key."""
+    lo = min(float(v.min()) for v in images.values())
+    hi = max(float(v.max()) for v in images.values())
+    floating = any(np.issubdtype(v.dtype, np.floating) for v in images.values())
+    if lo < 0 or hi > 255:
+        key = next(k for k, v in images.items() if float(v.min()) < 0 or float(v.max()) > 255)
+        raise ValueError(f"{path}: key {key!r} has pixel values in [{lo:g}, {hi:g}]; images must "
+                         "lie in [0, 1] (float) or [0, 255]")
+    return 255.0 if floating and hi <= 1.0 else 1.0
+
+
+def _to_uint8(a: np.ndarray, scale: float) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a
+    return np.rint(a.astype(np.float64) * scale).astype(np.uint8)
+
+
+def _npz_labels(a: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """1-D integer (or integer-valued float) labels -> int64."""
+    if a.ndim != 1:
+        raise ValueError(f"{path}: key {key!r} has rank {a.ndim} (shape {a.shape}); labels must "
+                         "be a 1-D array of class indices")
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.number):
+        raise ValueError(f"{path}: key {key!r} has dtype {a.dtype}; labels must be integers")
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            i = int(np.argwhere(~np.isfinite(a))[0][0])
+            raise ValueError(f"{path}: key {key!r} contains NaN or infinite labels (index {i})")
+        if not (a == np.round(a)).all():
+            i = int(np.argwhere(a != np.round(a))[0][0])
+            raise ValueError(f"{path}: key {key!r} has a non-integer label {a[i]!r} at index {i}")
+    return a.astype(np.int64)
+
+
+# ---- image folder ---------------------------------------------------------------------------
+
+
+def _load_folder(root: Path):
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` (ImageFolder layout) -> uint8
+    tensors. Class indices follow the sorted class folders of ``train/``. Images must share
+    one size; they are stored with one channel when every image is gray, else three (RGB)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    for sub in ("train", "test"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"image folder dataset {root} has no {sub}/ directory")
+    classes, class_to_idx = find_classes(str(root / "train"))
+    test_classes, _ = find_classes(str(root / "test"))
+    extra = sorted(set(test_classes) - set(classes))
+    if extra:
+        raise ValueError(f"{root / 'test'}: class folder {extra[0]!r} does not exist in train/")
+    splits = []
+    for sub in ("train", "test"):
+        items = make_dataset(str(root / sub), class_to_idx, extensions=IMG_EXTENSIONS,
+                             allow_empty=True)
+        if not items:
+            raise ValueError(f"{root / sub} contains no images ({', '.join(IMG_EXTENSIONS)})")
+        splits.append(items)
+    arrays, size = [], None
+    for items in splits:
+        xs, ys = [], []
+        for file, label in items:
+            img = _read_rgb(Path(file))
+            if size is None:
+                size = img.shape
+            elif img.shape != size:
+                raise ValueError(f"{file}: image is {img.shape[1]} x {img.shape[0]} pixels, but "
+                                 f"the first image is {size[1]} x {size[0]}; resize them to one size")
+            xs.append(img)
+            ys.append(label)
+        arrays.append((np.stack(xs), np.asarray(ys, dtype=np.int64)))
+    gray = all((x[..., 0] == x[..., 1]).all() and (x[..., 0] == x[..., 2]).all() for x, _ in arrays)
+    out = []
+    for x, y in arrays:
+        x = x[..., :1] if gray else x
+        out.append(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+        out.append(torch.from_numpy(y))
+    return (*out, list(classes))
+
+
+def _read_rgb(file: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot read as an image ({exc})") from exc

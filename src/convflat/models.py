@@ -1,0 +1,455 @@
+"""Floor 2: the CNN families of the study, built from a plain spec, and their checkpoints.
+
+Every family ends in ::
+
+    last conv -> [BatchNorm] (-> + residual) -> activation -> AdaptiveAvgPool2d(1) -> Flatten -> Linear
+
+so that the last convolution feeds global average pooling and a linear classifier, the class
+:func:`convflat.curvature.exact_curvature` measures in closed form. Everything after that conv
+is channel-wise, and every forward is traceable by ``torch.fx.symbolic_trace`` (no
+data-dependent Python control flow), because head detection traces the model.
+
+A spec is a JSON-ready dict ``{"family": ..., "in_channels": C, "num_classes": K, ...}``;
+:func:`normalize_spec` fills in the defaults so that the spec saved in a checkpoint rebuilds
+the model without the config that made it. Families:
+
+``gapcnn``  an all-convolutional VGG/NiN-style net: ``depth`` 3 x 3 conv layers, each
+            conv -> [BN] -> activation; ``width`` channels in the first stage, doubling at each
+            stride-2 downsampling; dropout after every activation except the last (so dropout
+            never sits between the measured conv and the pooling).
+``resnet``  a CIFAR-style ResNet (3 x 3 stem, no max-pool) with BasicBlocks, post-activation
+            (He et al. 2015) or pre-activation (He et al. 2016, ``preact=True``, with a final
+            BN -> activation after the last block). ``depth`` 6n+2 (8, 14, 20, 32, 44, 56, 110):
+            three stages of n blocks with ``width``, 2, 4 x ``width`` channels (default width
+            16); ``depth`` 10, 18, 34: four stages ([1,1,1,1], [2,2,2,2], [3,4,6,3] blocks) with
+            ``width`` .. 8 x ``width`` channels (default width 64). The width multiplier of the
+            issue is ``width / 16`` (or ``width / 64``).
+``torchvision``  any classification architecture of ``torchvision.models`` (``arch``:
+            resnet18, resnet50, mobilenet_v2, ...), built with ``weights=None`` (never
+            downloads), ``num_classes`` outputs and its first conv rebuilt for ``in_channels``.
+
+Downsampling rule (gapcnn and resnet): a stride-2 step is taken only if the short side of its
+output, ``floor((s - 1) / 2) + 1`` for input side s, is at least ``min_size`` (default 2)
+pixels; gapcnn also takes at most ``max_downsample`` (default 3) steps and at most depth - 1.
+So CIFAR (32 x 32) ends at 4 x 4 (gapcnn: 3 steps; 4-stage ResNet) or 8 x 8 (3-stage ResNet),
+MNIST (28 x 28) at 4 x 4, and scikit-learn's 8 x 8 digits at 2 x 2 (P = 4 positions at the
+last conv: two steps for a gapcnn of depth >= 3 or a 3-stage ResNet, one for depth 2), never
+below 2 x 2. On digits, 2 x 2 trains faster and generalizes better than 4 x 4: the last
+conv then sees the whole image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from convflat.io import atomic_torch_save
+
+MODEL_FORMAT = "convflat-model/1"
+FAMILIES = ("gapcnn", "resnet", "torchvision")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+# family -> the keys its spec may hold, with defaults (None: required or depth-dependent)
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gapcnn": {
+        "in_channels": None, "num_classes": None,
+        "image_size": [32, 32],    # (H, W) pixels the net is built for (sets the downsampling)
+        "width": 32,               # channels of the first stage; x2 at each downsampling
+        "depth": 4,                # number of 3 x 3 conv layers (>= 1)
+        "batchnorm": True,         # BatchNorm after every conv (the conv bias is then dropped)
+        "dropout": 0.0,            # dropout probability after each activation but the last
+        "activation": "relu",      # relu | gelu | silu
+        "max_downsample": 3,       # at most this many stride-2 steps
+        "min_size": 2,             # never downsample below this many pixels per side
+    },
+    "resnet": {
+        "in_channels": None, "num_classes": None,
+        "image_size": [32, 32],
+        "depth": 20,               # 6n+2, or 10 / 18 / 34
+        "width": None,             # channels of the first stage (16 for 6n+2, 64 otherwise)
+        "preact": False,           # pre-activation blocks (He et al. 2016)
+        "activation": "relu",
+        "min_size": 2,
+    },
+    "torchvision": {"in_channels": None, "num_classes": None, "arch": None},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Specs
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Check ``spec`` and return a complete copy (every default filled in, JSON-ready).
+
+    Raises ValueError naming the offending key: unknown family, unknown key, missing required
+    key (``in_channels``, ``num_classes``; ``arch`` for torchvision), or a bad value.
+    """
+    if not isinstance(spec, dict):
+        raise TypeError(f"a model spec must be a dict, got {type(spec).__name__}")
+    family = spec.get("family")
+    if family not in FAMILIES:
+        raise ValueError(f"spec key 'family' must be one of {FAMILIES}, got {family!r}")
+    defaults = _DEFAULTS[family]
+    unknown = sorted(set(spec) - set(defaults) - {"family"})
+    if unknown:
+        raise ValueError(f"spec key {unknown[0]!r} is not a {family} option "
+                         f"(options: {', '.join(defaults)})")
+    out: dict[str, Any] = {"family": family}
+    for key, default in defaults.items():
+        value = spec.get(key, default)
+        if value is None and key in ("in_channels", "num_classes", "arch"):
+            raise ValueError(f"spec key {key!r} is required for family {family}")
+        out[key] = value
+    for key in ("in_channels", "num_classes"):
+        out[key] = _positive_int(out[key], key)
+    if family == "torchvision":
+        _check_arch(out["arch"])
+        return out
+    out["image_size"] = _pair(out["image_size"])
+    out["min_size"] = _positive_int(out["min_size"], "min_size")
+    out["depth"] = _positive_int(out["depth"], "depth")
+    if out["activation"] not in ACTIVATIONS:
+        raise ValueError(f"spec key 'activation' must be one of {tuple(ACTIVATIONS)}, "
+                         f"got {out['activation']!r}")
+    if family == "gapcnn":
+        out["width"] = _positive_int(out["width"], "width")
+        out["max_downsample"] = int(out["max_downsample"])
+        out["batchnorm"] = _bool(out["batchnorm"], "batchnorm")
+        out["dropout"] = float(out["dropout"])
+        if not 0.0 <= out["dropout"] < 1.0:
+            raise ValueError(f"spec key 'dropout' must be in [0, 1), got {out['dropout']}")
+    else:
+        resnet_stages(out["depth"])  # validates depth
+        out["preact"] = _bool(out["preact"], "preact")
+        if out["width"] is None:
+            out["width"] = 16 if len(resnet_stages(out["depth"])) == 3 else 64
+        out["width"] = _positive_int(out["width"], "width")
+    return out
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
+            or int(value) < 1:
+        raise ValueError(f"spec key {key!r} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if value is True or value is False:
+        return value
+    raise ValueError(f"spec key {key!r} must be true or false, got {value!r}")
+
+
+def _pair(value: Any) -> list[int]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value, value]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"spec key 'image_size' must be an int or [H, W], got {value!r}")
+    return [_positive_int(v, "image_size") for v in value]
+
+
+def _check_arch(arch: Any) -> None:
+    from torchvision import models as tvm
+
+    names = tvm.list_models(module=tvm)
+    if arch not in names:
+        raise ValueError(f"spec key 'arch': {arch!r} is not a torchvision classification "
+                         f"model (e.g. resnet18, resnet50, mobilenet_v2)")
+
+
+def downsampled(size: int) -> int:
+    """Side length after a 3 x 3 (or 1 x 1) stride-2 conv with padding 1 (or 0)."""
+    return (size - 1) // 2 + 1
+
+
+def gapcnn_plan(spec: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """``[(in_channels, out_channels, stride), ...]`` of the gapcnn conv layers.
+
+    The number of stride-2 steps is the largest n <= min(max_downsample, depth - 1) that
+    keeps the short side >= min_size; the depth layers are split into n + 1 stages as evenly
+    as possible (later stages get the extra layers), and the first layer of every stage but
+    the first has stride 2 and doubles the channels.
+    """
+    spec = normalize_spec(spec)
+    side, n_down = min(spec["image_size"]), 0
+    while (n_down < min(spec["max_downsample"], spec["depth"] - 1)
+           and downsampled(side) >= spec["min_size"]):
+        side, n_down = downsampled(side), n_down + 1
+    stages = n_down + 1
+    base, extra = divmod(spec["depth"], stages)
+    sizes = [base + (1 if s >= stages - extra else 0) for s in range(stages)]
+    plan, c_in = [], spec["in_channels"]
+    for s, n in enumerate(sizes):
+        c_out = spec["width"] * 2**s
+        for i in range(n):
+            plan.append((c_in, c_out, 2 if (s > 0 and i == 0) else 1))
+            c_in = c_out
+    return plan
+
+
+def resnet_stages(depth: int) -> list[int]:
+    """BasicBlocks per stage: 6n+2 -> [n, n, n]; 10, 18, 34 -> four stages."""
+    fixed = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+    if depth in fixed:
+        return fixed[depth]
+    if depth >= 8 and (depth - 2) % 6 == 0:
+        return [(depth - 2) // 6] * 3
+    raise ValueError(f"spec key 'depth': a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, ...) or "
+                     f"10, 18, 34, got {depth}")
+
+
+# --------------------------------------------------------------------------------------------
+# gapcnn
+# --------------------------------------------------------------------------------------------
+
+
+class ConvBNAct(nn.Sequential):
+    """3 x 3 conv (padding 1) -> [BatchNorm2d] -> activation: (B, C_in, H, W) -> (B, C_out,
+    ceil(H / stride), ceil(W / stride))."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, batchnorm: bool, activation: str):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=not batchnorm)
+        if batchnorm:
+            self.bn = nn.BatchNorm2d(c_out)
+        self.act = ACTIVATIONS[activation]()
+
+
+class GapCNN(nn.Module):
+    """All-convolutional net: ``features`` (ConvBNAct layers, dropout between them) ->
+    ``pool`` -> ``flatten`` -> ``classifier``. (B, C, H, W) -> logits (B, K)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        spec = normalize_spec(spec)
+        plan = gapcnn_plan(spec)
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out, stride) in enumerate(plan):
+            layers.append(ConvBNAct(c_in, c_out, stride, spec["batchnorm"], spec["activation"]))
+            if spec["dropout"] > 0 and i < len(plan) - 1:
+                layers.append(nn.Dropout(spec["dropout"]))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(plan[-1][1], spec["num_classes"])
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.pool(self.features(x))))
+
+
+# --------------------------------------------------------------------------------------------
+# resnet
+# --------------------------------------------------------------------------------------------
+
+
+def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Post-activation block: act(bn2(conv2(act(bn1(conv1(x))))) + shortcut(x)); the shortcut
+    is a 1 x 1 conv + BN when the shape changes, else the identity."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activation: str):
+        super().__init__()
+        self.conv1 = _conv3x3(c_in, c_out, stride)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.act1 = ACTIVATIONS[activation]()
+        self.conv2 = _conv3x3(c_out, c_out)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+        self.act2 = ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block: conv2(act(bn2(conv1(a)))) + shortcut, a = act(bn1(x)); the
+    shortcut is a 1 x 1 conv of ``a`` when the shape changes, else ``x`` itself."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activation: str):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.act1 = ACTIVATIONS[activation]()
+        self.conv1 = _conv3x3(c_in, c_out, stride)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = ACTIVATIONS[activation]()
+        self.conv2 = _conv3x3(c_out, c_out)
+        self.project = stride != 1 or c_in != c_out  # a Python constant: fx traces one branch
+        if self.project:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act1(self.bn1(x))
+        skip = self.shortcut(a) if self.project else x
+        out = self.conv2(self.act2(self.bn2(self.conv1(a))))
+        return out + skip
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet: ``stem`` (3 x 3 conv [-> BN -> act]) -> ``layers`` (stages of blocks) ->
+    [``final``: BN -> act, pre-activation only] -> ``pool`` -> ``flatten`` -> ``classifier``.
+    (B, C, H, W) -> logits (B, K)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        spec = normalize_spec(spec)
+        self.preact = spec["preact"]
+        act, width = spec["activation"], spec["width"]
+        block = PreActBlock if self.preact else BasicBlock
+        if self.preact:
+            self.stem = _conv3x3(spec["in_channels"], width)
+        else:
+            self.stem = nn.Sequential(_conv3x3(spec["in_channels"], width),
+                                      nn.BatchNorm2d(width), ACTIVATIONS[act]())
+        side, c_in, stages = min(spec["image_size"]), width, []
+        for s, n_blocks in enumerate(resnet_stages(spec["depth"])):
+            c_out = width * 2**s
+            stride = 2 if s > 0 and downsampled(side) >= spec["min_size"] else 1
+            side = downsampled(side) if stride == 2 else side
+            blocks = []
+            for b in range(n_blocks):
+                blocks.append(block(c_in, c_out, stride if b == 0 else 1, act))
+                c_in = c_out
+            stages.append(nn.Sequential(*blocks))
+        self.layers = nn.Sequential(*stages)
+        if self.preact:
+            self.final = nn.Sequential(nn.BatchNorm2d(c_in), ACTIVATIONS[act]())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(c_in, spec["num_classes"])
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers(self.stem(x))
+        if self.preact:
+            h = self.final(h)
+        return self.classifier(self.flatten(self.pool(h)))
+
+
+def _init_weights(model: nn.Module) -> None:
+    """He-normal convs (fan-in, ReLU gain), zero conv biases, BN = identity; the Linear keeps
+    PyTorch's default. Draws from the global torch RNG (seeded by the caller)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision
+# --------------------------------------------------------------------------------------------
+
+
+def _torchvision_model(spec: dict[str, Any]) -> nn.Module:
+    """``torchvision.models.get_model(arch, weights=None, num_classes=K)`` with its first conv
+    rebuilt for ``in_channels`` (same kernel, stride, padding, bias) when that is not 3."""
+    from torchvision import models as tvm
+
+    model = tvm.get_model(spec["arch"], weights=None, num_classes=spec["num_classes"])
+    if spec["in_channels"] != 3:
+        name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        new = nn.Conv2d(spec["in_channels"], conv.out_channels, conv.kernel_size,
+                        stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                        bias=conv.bias is not None, padding_mode=conv.padding_mode)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Public: build, save, load
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """The model a spec describes, freshly initialised from the global torch RNG (seed it
+    first for reproducible weights). The complete spec is attached as ``model.spec``."""
+    spec = normalize_spec(spec)
+    if spec["family"] == "gapcnn":
+        model = GapCNN(spec)
+    elif spec["family"] == "resnet":
+        model = ResNet(spec)
+    else:
+        model = _torchvision_model(spec)
+    model.spec = spec
+    return model
+
+
+def checkpoint_dict(model: nn.Module, spec: dict[str, Any] | None = None,
+                    **extra: Any) -> dict[str, Any]:
+    """``{"format": "convflat-model/1", "spec", "state_dict", **extra}`` with the state on the
+    CPU in the default (contiguous) memory format."""
+    spec = normalize_spec(spec if spec is not None else model.spec)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {"format": MODEL_FORMAT, "spec": spec, "state_dict": state, **extra}
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module,
+                    spec: dict[str, Any] | None = None, **extra: Any) -> Path:
+    """Write :func:`checkpoint_dict` atomically (a killed job never leaves half a file)."""
+    return atomic_torch_save(path, checkpoint_dict(model, spec, **extra))
+
+
+def load_checkpoint(path: str | os.PathLike,
+                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint's spec describes and load its weights; the model is
+    returned in eval mode, with the whole checkpoint dict.
+
+    Errors: FileNotFoundError for a missing file; ValueError for a file that is not a convflat
+    checkpoint, a bad spec, or a ``state_dict`` that does not fit the spec (naming the first
+    mismatching key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling, zip and EOF errors alike
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is not a convflat checkpoint (torch.load failed: {first})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a convflat checkpoint: expected a dict with format "
+                         f"{MODEL_FORMAT!r}, found {found!r}")
+    for key in ("spec", "state_dict"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: checkpoint lacks key {key!r}")
+    try:
+        model = build_model(ckpt["spec"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    state = ckpt["state_dict"]
+    expected = model.state_dict()
+    for key, ref in expected.items():
+        if key not in state:
+            raise ValueError(f"{path}: state_dict does not fit the spec: first mismatching key "
+                             f"{key!r} is missing from the file")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise ValueError(f"{path}: state_dict does not fit the spec: first mismatching key "
+                             f"{key!r} has shape {tuple(state[key].shape)} in the file, "
+                             f"{tuple(ref.shape)} in the model the spec builds")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{path}: state_dict does not fit the spec: first mismatching key "
+                         f"{extra[0]!r} is not in the model the spec builds")
+    model.load_state_dict(state)
+    model.to(map_location)
+    return model.eval(), ckpt
