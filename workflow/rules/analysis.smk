@@ -1,0 +1,207 @@
+# Stage 4: a study's runs -> runs table -> correlation tables and figures; the same over all
+# studies pooled ("overall"). Every figure is its own job: naming its file rebuilds it alone.
+
+
+rule collect:
+    input:
+        records=lambda wildcards: run_files(wildcards.study, "train.json"),
+        measures=lambda wildcards: run_files(wildcards.study, "measures.json"),
+    output:
+        runs=report(
+            "results/tables/{study}/runs.csv",
+            caption="../report/runs.rst",
+            category="{study}",
+            subcategory="tables",
+        ),
+    log:
+        "results/logs/collect/{study}.log",
+    benchmark:
+        "results/benchmarks/collect/{study}.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("analysis", "mem_mb"),
+        runtime=res("analysis", "runtime"),
+    params:
+        run_ids=lambda wildcards: study_run_ids(wildcards.study),
+        hp=lambda wildcards: {r: v["hp"] for r, v in RUNS[wildcards.study].items()},
+        version=code_version("analysis"),
+    script:
+        "../scripts/collect.py"
+
+
+rule correlation:
+    input:
+        runs="results/tables/{study}/runs.csv",
+    output:
+        csv=report(
+            "results/tables/{study}/correlation.csv",
+            caption="../report/correlation.rst",
+            category="{study}",
+            subcategory="tables",
+        ),
+        md="results/tables/{study}/correlation.md",
+        tex="results/tables/{study}/correlation.tex",
+    log:
+        "results/logs/correlation/{study}.log",
+    benchmark:
+        "results/benchmarks/correlation/{study}.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("analysis", "mem_mb"),
+        runtime=res("analysis", "runtime"),
+    params:
+        analysis=config["analysis"],
+        title=lambda wildcards: wildcards.study,
+        version=code_version("analysis"),
+    script:
+        "../scripts/correlation.py"
+
+
+rule runs_summary:
+    input:
+        runs="results/tables/{study}/runs.csv",
+    output:
+        csv="results/tables/{study}/runs_summary.csv",
+        md="results/tables/{study}/runs_summary.md",
+        tex="results/tables/{study}/runs_summary.tex",
+    log:
+        "results/logs/runs_summary/{study}.log",
+    benchmark:
+        "results/benchmarks/runs_summary/{study}.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("analysis", "mem_mb"),
+        runtime=res("analysis", "runtime"),
+    params:
+        analysis=config["analysis"],
+        version=code_version("analysis"),
+    script:
+        "../scripts/runs_summary.py"
+
+
+rule figure:
+    input:
+        runs="results/tables/{study}/runs.csv",
+        correlation="results/tables/{study}/correlation.csv",
+    output:
+        png=report(
+            "results/figures/{study}/{figure}.png",
+            caption="../report/figure.rst",
+            category="{study}",
+            subcategory="figures",
+        ),
+        pdf="results/figures/{study}/{figure}.pdf",
+    log:
+        "results/logs/figure/{study}/{figure}.log",
+    benchmark:
+        "results/benchmarks/figure/{study}/{figure}.tsv"
+    wildcard_constraints:
+        figure="measure_vs_gap|tau_psi|psi_heatmap",
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("analysis", "mem_mb"),
+        runtime=res("analysis", "runtime"),
+    params:
+        figure=lambda wildcards: wildcards.figure,
+        analysis=config["analysis"],
+        version=code_version("analysis"),
+    script:
+        "../scripts/figure.py"
+
+
+rule false_friend:
+    input:
+        runs="results/tables/{study}/runs.csv",
+    output:
+        png=report(
+            "results/figures/{study}/false_friend.png",
+            caption="../report/false_friend.rst",
+            category="{study}",
+            subcategory="figures",
+        ),
+        pdf="results/figures/{study}/false_friend.pdf",
+    log:
+        "results/logs/figure/{study}/false_friend.log",
+    benchmark:
+        "results/benchmarks/figure/{study}/false_friend.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("analysis", "mem_mb"),
+        runtime=res("analysis", "runtime"),
+    params:
+        figure="false_friend",
+        analysis=config["analysis"],
+        version=code_version("analysis"),
+    script:
+        "../scripts/figure.py"
+
+
+rule overall_correlation:
+    input:
+        runs=expand("results/tables/{study}/runs.csv", study=STUDIES),
+    output:
+        csv=report(
+            "results/tables/overall/correlation.csv",
+            caption="../report/correlation.rst",
+            category="overall",
+            subcategory="tables",
+        ),
+        md="results/tables/overall/correlation.md",
+        tex="results/tables/overall/correlation.tex",
+    log:
+        "results/logs/correlation/overall.log",
+    benchmark:
+        "results/benchmarks/correlation/overall.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("analysis", "mem_mb"),
+        runtime=res("analysis", "runtime"),
+    params:
+        analysis=config["analysis"],
+        title="overall",
+        version=code_version("analysis"),
+    script:
+        "../scripts/correlation.py"
+
+
+rule overall_figure:
+    input:
+        correlation="results/tables/overall/correlation.csv",
+    output:
+        png=report(
+            "results/figures/overall/{figure}.png",
+            caption="../report/figure.rst",
+            category="overall",
+            subcategory="figures",
+        ),
+        pdf="results/figures/overall/{figure}.pdf",
+    log:
+        "results/logs/figure/overall/{figure}.log",
+    benchmark:
+        "results/benchmarks/figure/overall/{figure}.tsv"
+    wildcard_constraints:
+        figure="tau_psi|psi_heatmap",
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("analysis", "mem_mb"),
+        runtime=res("analysis", "runtime"),
+    params:
+        figure=lambda wildcards: wildcards.figure,
+        analysis=config["analysis"],
+        version=code_version("analysis"),
+    script:
+        "../scripts/figure.py"

@@ -1,0 +1,45 @@
+# Stage 1: datasets. A torchvision benchmark is downloaded once into data/raw/<source>/
+# (torchvision's own layout and checksums); every dataset is then prepared into one tensor
+# file data/prepared/<name>.pt (uint8 images, labels, split, label noise).
+
+
+rule download:
+    output:
+        marker="data/raw/{source}/download.json",
+    log:
+        "results/logs/download/{source}.log",
+    benchmark:
+        "results/benchmarks/download/{source}.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("prepare", "mem_mb"),
+        runtime=res("prepare", "runtime"),
+    params:
+        root=lambda wildcards: f"data/raw/{wildcards.source}",
+    script:
+        "../scripts/download.py"
+
+
+rule prepare:
+    input:
+        unpack(prepare_input),
+    output:
+        data="data/prepared/{prepared}.pt",
+    log:
+        "results/logs/prepare/{prepared}.log",
+    benchmark:
+        "results/benchmarks/prepare/{prepared}.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("prepare", "mem_mb"),
+        runtime=res("prepare", "runtime"),
+    params:
+        dataset=dataset_config,
+        root=lambda wildcards: f"data/raw/{dataset_config(wildcards)['source']}",
+        version=code_version("prepare"),
+    script:
+        "../scripts/prepare.py"

@@ -1,0 +1,92 @@
+# Stage 6: notebooks. The template (notebooks/<name>.ipynb) is an input; papermill runs it
+# with the study's files as parameters and the executed copy is the output; nbconvert then
+# renders it to one self-contained HTML file. `snakemake --report` gathers everything.
+
+
+rule overview_notebook:
+    input:
+        template=notebook_template("overview"),
+        runs="results/tables/{study}/runs.csv",
+        correlation="results/tables/{study}/correlation.csv",
+        figures=expand(
+            "results/figures/{{study}}/{figure}.png",
+            figure=["measure_vs_gap", "tau_psi"],
+        ),
+    output:
+        notebook="results/notebooks/{study}/overview.ipynb",
+    log:
+        "results/logs/notebook/{study}/overview.log",
+    benchmark:
+        "results/benchmarks/notebook/{study}/overview.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("notebook", "mem_mb"),
+        runtime=res("notebook", "runtime"),
+    params:
+        parameters=lambda wildcards, input: {
+            "study": wildcards.study,
+            "runs_csv": input.runs,
+            "correlation_csv": input.correlation,
+            "figures_dir": f"results/figures/{wildcards.study}",
+            "description": STUDIES[wildcards.study]["description"],
+        },
+        timeout=config["notebooks"]["timeout"],
+        version=code_version("notebook"),
+    script:
+        "../scripts/render_notebook.py"
+
+
+rule validation_notebook:
+    input:
+        template=notebook_template("validation"),
+        tables=expand(
+            "results/tables/validation/{table}.csv",
+            table=["exactness", "invariance", "hutchinson", "cost"],
+        ),
+        figure="results/figures/validation/hutchinson_convergence.png",
+    output:
+        notebook="results/notebooks/validation.ipynb",
+    log:
+        "results/logs/notebook/validation.log",
+    benchmark:
+        "results/benchmarks/notebook/validation.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("notebook", "mem_mb"),
+        runtime=res("notebook", "runtime"),
+    params:
+        parameters={
+            "tables_dir": "results/tables/validation",
+            "figures_dir": "results/figures/validation",
+        },
+        timeout=config["notebooks"]["timeout"],
+        version=code_version("notebook"),
+    script:
+        "../scripts/render_notebook.py"
+
+
+rule notebook_html:
+    input:
+        notebook="results/notebooks/{path}.ipynb",
+    output:
+        html=report(
+            "results/notebooks/{path}.html",
+            caption="../report/notebook.rst",
+            category="notebooks",
+        ),
+    log:
+        "results/logs/notebook_html/{path}.log",
+    benchmark:
+        "results/benchmarks/notebook_html/{path}.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("notebook", "mem_mb"),
+        runtime=res("notebook", "runtime"),
+    script:
+        "../scripts/render_html.py"
