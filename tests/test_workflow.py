@@ -1,7 +1,7 @@
 """The Snakemake workflow without running it: format, lint, dry runs, config errors.
 
 Each test starts Snakemake as a user would (a subprocess in the repository root, or in a
-temporary directory for the few that write files). About a minute in all on two cores.
+temporary directory for the few that write files). About 1.5 minutes in all on two cores.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ figure, the validation tables and figure, both notebooks and their HTML, then
 ``snakemake --report``. The config is config/test.yaml plus one small study whose second run
 cannot be built (a ResNet of depth 9 is not 6n+2), to show that a failed run is recorded
 and counted while the rest of the study goes on. A separate test kills a training job
-midway and checks that the rerun resumes it. About 3-4 minutes on two cores.
+midway and checks that the rerun resumes it. About 3.5 minutes on two cores.
 """
 
 from __future__ import annotations

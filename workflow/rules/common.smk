@@ -446,19 +446,27 @@ def _forward_macs(spec, image_hw, in_channels, num_classes):
         elif isinstance(module, torch.nn.Linear):
             macs.append(output.numel() * module.in_features)
 
-    with torch.device("meta"), torch.no_grad():  # shapes only: no memory, no arithmetic
-        model = build_model(spec).eval()
-        for m in model.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                m.register_forward_hook(hook)
-        model(torch.zeros(1, in_channels, *image_hw))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one tiny forward pass; the meta device is slower here
+    try:
+        with torch.no_grad():
+            model = build_model(spec).eval()
+            for m in model.modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                    m.register_forward_hook(hook)
+            model(torch.zeros(1, in_channels, *image_hw))
+    finally:
+        torch.set_num_threads(threads)
     return float(sum(macs))
+
+
+_MACS_CACHE = {}  # spec and data shape -> forward FLOPs per image
 
 
 def estimate_hours(device):
     """(hours, number of runs) of training and measuring every run of the config."""
     rate = RATES[device]
-    seconds, n_runs, cache = 0.0, 0, {}
+    seconds, n_runs, cache = 0.0, 0, _MACS_CACHE
     for name, study in STUDIES.items():
         ds = config["datasets"][study["dataset"]]
         n_full, image_hw, channels, classes = DATASET_SHAPES.get(
