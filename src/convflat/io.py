@@ -11,18 +11,22 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: convflat.analysis writes files without it
+    import torch
 
 STATUSES = ("ok", "diverged", "failed")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """Map ``"auto"`` (or None) to CUDA when present, else CPU; validate anything else."""
+    import torch
+
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -31,7 +35,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def _atomic_write(path: str | os.PathLike, write) -> Path:
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it into
+    place; on any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -51,15 +57,14 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
 
 
 def _jsonable(obj: Any) -> Any:
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch was imported
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
+    if torch is not None and isinstance(obj, torch.Tensor):
         return _jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.device):
+    if isinstance(obj, Path) or (torch is not None and isinstance(obj, torch.device)):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
         obj = obj.item()  # numpy scalar
@@ -73,16 +78,23 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
     NaN becomes null and infinities the strings "inf"/"-inf", so the file stays strict JSON.
     """
-    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    return _atomic_write(path, lambda fh: fh.write(text.encode()))
+    text = dumps_json(obj) + "\n"
+    return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def dumps_json(obj: Any) -> str:
+    """Strict, indented JSON of ``obj`` (the conversions of :func:`atomic_write_json`)."""
+    return json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic_write(path, lambda fh: fh.write(text.encode()))
+    return atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
-    return _atomic_write(path, lambda fh: torch.save(obj, fh))
+    import torch
+
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def provenance(
@@ -90,6 +102,8 @@ def provenance(
     seconds: float | None = None, status: str = "ok",
 ) -> dict[str, Any]:
     """The fields every JSON artifact carries (DESIGN.md, section 2)."""
+    import torch
+
     import convflat
 
     if status not in STATUSES:
@@ -119,6 +133,8 @@ def iter_batches(
     other input is iterated as is (``batch_size`` is then ignored). Items may be tuples, lists,
     or dicts with keys ``x``/``y``; extra tuple entries are ignored.
     """
+    import torch
+
     if (
         isinstance(data, (tuple, list))
         and len(data) == 2

@@ -408,6 +408,25 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
     return atomic_torch_save(path, checkpoint_dict(model, spec, **extra))
 
 
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """``model.load_state_dict(state)`` after checking every key and shape, so that a file
+    that does not fit fails with ``ValueError("<what>: first mismatching key ...")``."""
+    expected = model.state_dict()
+    for key, ref in expected.items():
+        if key not in state:
+            raise ValueError(f"{what}: first mismatching key {key!r} is missing from the file")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise ValueError(f"{what}: first mismatching key {key!r} has shape "
+                             f"{tuple(state[key].shape)} in the file, {tuple(ref.shape)} in "
+                             "the model the spec builds")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{what}: first mismatching key {extra[0]!r} is not in the model the "
+                         "spec builds")
+    model.load_state_dict(state)
+    return model
+
+
 def load_checkpoint(path: str | os.PathLike,
                     map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint's spec describes and load its weights; the model is
@@ -436,20 +455,6 @@ def load_checkpoint(path: str | os.PathLike,
         model = build_model(ckpt["spec"])
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
-    state = ckpt["state_dict"]
-    expected = model.state_dict()
-    for key, ref in expected.items():
-        if key not in state:
-            raise ValueError(f"{path}: state_dict does not fit the spec: first mismatching key "
-                             f"{key!r} is missing from the file")
-        if tuple(state[key].shape) != tuple(ref.shape):
-            raise ValueError(f"{path}: state_dict does not fit the spec: first mismatching key "
-                             f"{key!r} has shape {tuple(state[key].shape)} in the file, "
-                             f"{tuple(ref.shape)} in the model the spec builds")
-    extra = [k for k in state if k not in expected]
-    if extra:
-        raise ValueError(f"{path}: state_dict does not fit the spec: first mismatching key "
-                         f"{extra[0]!r} is not in the model the spec builds")
-    model.load_state_dict(state)
+    load_state(model, ckpt["state_dict"], f"{path}: state_dict does not fit the spec")
     model.to(map_location)
     return model.eval(), ckpt

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from convflat.analysis.runs import (
 )
 from convflat.analysis.stats import kendall_tau
 from convflat.analysis.tables import read_correlation_table, table_targets
+from convflat.io import atomic_write
 
 __all__ = [
     "figure_paths",
@@ -79,17 +79,9 @@ def figure_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 def _save(fig: Figure, out: str | os.PathLike, dpi: int = 300) -> list[Path]:
     paths = []
     for path in figure_paths(out):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                # constrained layout keeps every artist inside the canvas: no "tight" pass
-                fig.savefig(fh, format=path.suffix[1:], dpi=dpi)
-            os.replace(tmp, path)  # a killed job never leaves half a figure
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        # constrained layout keeps every artist inside the canvas: no "tight" pass; the
+        # atomic write means a killed job never leaves half a figure
+        atomic_write(path, lambda fh, p=path: fig.savefig(fh, format=p.suffix[1:], dpi=dpi))
         paths.append(path)
     return paths
 

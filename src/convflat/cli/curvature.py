@@ -92,22 +92,7 @@ def _load_model(args, num_classes: int, in_channels: int):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CLIError(f"{args.checkpoint} holds a {type(state).__name__}, not a state_dict")
-    missing, unexpected = [], []
-    expected = model.state_dict()
-    for k, v in expected.items():
-        if k not in state:
-            missing.append(k)
-        elif tuple(state[k].shape) != tuple(v.shape):
-            raise CLIError(
-                f"{args.checkpoint} does not fit {args.arch}: key {k!r} has shape "
-                f"{tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
-            )
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        key = missing[0] if missing else unexpected[0]
-        what = "is missing from the file" if missing else "is not a key of the model"
-        raise CLIError(f"{args.checkpoint} does not fit {args.arch}: key {key!r} {what}")
-    model.load_state_dict(state)
+    models.load_state(model, state, f"{args.checkpoint} does not fit {args.arch}")
     return model.eval(), spec
 
 
@@ -142,9 +127,7 @@ def run(args) -> int:
         print(f"trace={res.trace:.6g} relative_flatness={res.relative_flatness:.6g} "
               f"({res.n_samples} samples, {res.seconds:.2f}s) -> {args.out}")
     else:
-        import json
+        from convflat.io import dumps_json
 
-        from convflat.io import _jsonable
-
-        print(json.dumps(_jsonable(out), indent=2))
+        print(dumps_json(out))
     return 0
