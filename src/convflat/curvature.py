@@ -179,6 +179,58 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         ) from exc
 
 
+def _classify(node: fx.Node, gm: fx.GraphModule, src: fx.Node) -> tuple[str, bool]:
+    """What a node that consumes the conv-dependent tensor ``src`` does, whatever its form
+    (module, function or method): ``(kind, piecewise_linear)`` with kind one of elementwise,
+    add, mul, operand_right (``x - a`` or ``x / a``), gap, flatten, linear,
+    functional_linear, conv, other."""
+    tgt = node.target
+    if _is_gap(node, gm):
+        return "gap", True
+    if node.op == "call_module":
+        mod = gm.get_submodule(tgt)
+        if isinstance(mod, _ELEMENTWISE_MODULES):
+            # dropout and identity also pass pooled features through unchanged
+            flat = isinstance(mod, (nn.Dropout, nn.Identity))
+            return ("elementwise_or_flatten" if flat else "elementwise",
+                    isinstance(mod, _PIECEWISE_LINEAR_MODULES))
+        if isinstance(mod, nn.Flatten):
+            return "flatten", True
+        if isinstance(mod, nn.Linear):
+            return "linear", True
+        if isinstance(mod, nn.Conv2d):
+            return "conv", True
+        return "other", True
+    if node.op == "call_function":
+        if tgt in _ELEMENTWISE_FUNCTIONS:
+            return ("elementwise_or_flatten" if tgt is F.dropout else "elementwise",
+                    _ELEMENTWISE_FUNCTIONS[tgt])
+        right = node.args[0] is not src
+        if tgt in _ADD_FUNCTIONS:
+            return ("operand_right" if right and tgt in (operator.sub, operator.isub)
+                    else "add"), True
+        if tgt in _MUL_FUNCTIONS:
+            return ("operand_right" if right and tgt in (operator.truediv, torch.div)
+                    else "mul"), True
+        if tgt in _FLATTEN_FUNCTIONS:
+            return "flatten", True
+        if tgt is F.linear:
+            return "functional_linear", True
+        if tgt is F.conv2d:
+            return "conv", True
+        return "other", True
+    if node.op == "call_method":
+        if tgt in _ELEMENTWISE_METHODS:
+            return "elementwise", _ELEMENTWISE_METHODS[tgt]
+        if tgt in _ADD_METHODS | _MUL_METHODS:
+            if node.args[0] is not src and tgt.startswith(("sub", "div")):
+                return "operand_right", True
+            return ("add" if tgt in _ADD_METHODS else "mul"), True
+        if tgt in _FLATTEN_METHODS:
+            return "flatten", True
+    return "other", True
+
+
 def _check_head(gm: fx.GraphModule, conv_node: fx.Node) -> Head:
     """Verify that every op downstream of ``conv_node`` keeps the closed form exact.
 
@@ -246,72 +298,33 @@ def _check_head(gm: fx.GraphModule, conv_node: fx.Node) -> Head:
                 "nn.Linear must lead straight to the model's output (an MLP head, or "
                 "squeeze-and-excitation gating the features, is not in the class)",
             )
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if s == "spatial" and isinstance(mod, _ELEMENTWISE_MODULES):
-                state[node] = "spatial"
-                piecewise &= isinstance(mod, _PIECEWISE_LINEAR_MODULES)
-            elif s == "spatial" and _is_gap(node, gm) or s == "pooled" and isinstance(mod, (nn.Flatten, nn.Dropout, nn.Identity)):
-                state[node] = "pooled"
-            elif s == "pooled" and isinstance(mod, nn.Linear):
-                if linear_node is not None:
-                    raise refuse(node, "is a second nn.Linear")
-                state[node] = "logits"
-                linear_node = node
-            elif isinstance(mod, nn.Conv2d):
-                raise refuse(node, "is a second convolution after the chosen one")
-            elif isinstance(mod, nn.Linear):
-                raise refuse(node, "is applied before global average pooling")
-            elif s == "pooled":
-                raise refuse(
-                    node, "is applied to the pooled features (an MLP head is not in the class)"
-                )
-            else:
-                raise refuse(node, "mixes positions or channels before global average pooling")
-        elif node.op == "call_function":
-            tgt = node.target
-            if s == "spatial" and tgt in _ELEMENTWISE_FUNCTIONS:
-                state[node] = "spatial"
-                piecewise &= _ELEMENTWISE_FUNCTIONS[tgt]
-            elif s == "spatial" and tgt in _ADD_FUNCTIONS:
-                if tgt in (operator.sub, operator.isub) and node.args[0] is not src:
-                    raise refuse(node, "negates the conv output (unsupported form)")
-                state[node] = "spatial"
-            elif s == "spatial" and tgt in _MUL_FUNCTIONS:
-                if tgt in (operator.truediv, torch.div) and node.args[0] is not src:
-                    raise refuse(node, "divides by the conv output")
-                state[node] = "spatial"
-            elif s == "spatial" and _is_gap(node, gm) or s == "pooled" and (tgt in _FLATTEN_FUNCTIONS or tgt in (F.dropout,)):
-                state[node] = "pooled"
-            elif s == "pooled" and tgt is F.linear:
-                raise refuse(node, "is a functional linear layer (use nn.Linear)")
-            elif tgt is F.conv2d:
-                raise refuse(node, "is a second convolution after the chosen one")
-            elif s == "pooled":
-                raise refuse(
-                    node, "is applied to the pooled features (an MLP head is not in the class)"
-                )
-            else:
-                raise refuse(node, "mixes positions or channels before global average pooling")
-        elif node.op == "call_method":
-            tgt = node.target
-            if s == "spatial" and tgt in _ELEMENTWISE_METHODS:
-                state[node] = "spatial"
-                piecewise &= _ELEMENTWISE_METHODS[tgt]
-            elif s == "spatial" and tgt in _ADD_METHODS | _MUL_METHODS:
-                if node.args[0] is not src and tgt.startswith(("sub", "div")):
-                    raise refuse(node, "has the conv output on the right-hand side")
-                state[node] = "spatial"
-            elif s == "spatial" and _is_gap(node, gm) or s == "pooled" and tgt in _FLATTEN_METHODS:
-                state[node] = "pooled"
-            elif s == "pooled":
-                raise refuse(
-                    node, "is applied to the pooled features (an MLP head is not in the class)"
-                )
-            else:
-                raise refuse(node, "mixes positions or channels before global average pooling")
-        else:  # pragma: no cover - fx has no other op kinds with inputs
-            raise refuse(node, "is an unsupported graph op")
+        kind, smooth_ok = _classify(node, gm, src)
+        if kind == "elementwise_or_flatten":  # dropout, identity: fine on either side of GAP
+            kind = "elementwise" if s == "spatial" else "flatten"
+        if s == "spatial" and kind == "elementwise":
+            state[node] = "spatial"
+            piecewise &= smooth_ok
+        elif s == "spatial" and kind in ("add", "mul"):
+            state[node] = "spatial"
+        elif s == "spatial" and kind == "operand_right":
+            raise refuse(node, "has the conv output on the right-hand side of a '-' or '/'")
+        elif (s == "spatial" and kind == "gap") or (s == "pooled" and kind == "flatten"):
+            state[node] = "pooled"
+        elif s == "pooled" and kind == "linear":
+            state[node] = "logits"
+            linear_node = node
+        elif kind == "conv":
+            raise refuse(node, "is a second convolution after the chosen one")
+        elif kind == "functional_linear":
+            raise refuse(node, "is a functional linear layer (use nn.Linear)")
+        elif kind == "linear":
+            raise refuse(node, "is applied before global average pooling")
+        elif s == "pooled":
+            raise refuse(
+                node, "is applied to the pooled features (an MLP head is not in the class)"
+            )
+        else:
+            raise refuse(node, "mixes positions or channels before global average pooling")
         ops.append(_describe(node, gm))
 
     if linear_node is None:
