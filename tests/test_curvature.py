@@ -47,6 +47,81 @@ def test_matches_dense_autograd_hessian(case):
     assert bool(ok.all()), f"worst block error {float(err.max()):.2e}"
 
 
+CHUNK_CASES = [c for c in SUITE if c.name in (
+    "silu+bn+residual, no bias", "relu6, groups 3", "silu+bn, K=10", "gelu, reflect padding")]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=[c.name for c in CHUNK_CASES])
+def test_chunks_of_one_sample_match_dense_autograd_hessian(case):
+    """chunk_bytes=1 runs the head, the patches and the products one sample at a time,
+    slicing the residual branch (an external of the head) with the conv output."""
+    assert len(CHUNK_CASES) == 4
+    model, x, y = build_case(case, seed=4)
+    H = autograd_kernel_hessian(model, "last", x, y)
+    ref = dense_measures(H, model.last.weight.detach())
+    for route in ("gram", "direct"):
+        res = exact_curvature(model, (x, y), layer="last", device="cpu", batch_size=5,
+                              route=route, chunk_bytes=1)
+        assert rel(res.trace, ref["trace"]) <= 1e-9
+        assert rel(res.relative_flatness, ref["relative_flatness"]) <= 1e-9
+        torch.testing.assert_close(res.block_traces, ref["block_traces"], rtol=1e-9,
+                                   atol=1e-12 * float(ref["block_traces"].abs().max()))
+
+
+@pytest.mark.parametrize("outer_gemm", [True, False])
+@pytest.mark.parametrize("class_sum", ["accumulated", "per chunk"])
+def test_gauss_newton_sum_strategies_match_dense_autograd(monkeypatch, outer_gemm, class_sum):
+    """Both ways of the ``m m^T`` term and both ways of the class sum give the exact blocks."""
+    from convflat import curvature
+
+    monkeypatch.setattr(curvature, "_outer_by_gemm", lambda C, P: outer_gemm)
+    if class_sum == "per chunk":
+        monkeypatch.setattr(curvature, "_CLASS_SUM_MAX_BYTES", 0)
+    case = next(c for c in SUITE if c.name == "relu, K=10, no bias")
+    model, x, y = build_case(case, seed=6)
+    H = autograd_kernel_hessian(model, "last", x, y)
+    ref = dense_measures(H, model.last.weight.detach())
+    res = exact_curvature(model, (x, y), layer="last", device="cpu", batch_size=4,
+                          route="gram", chunk_bytes=20000)
+    assert rel(res.trace, ref["trace"]) <= 1e-9
+    torch.testing.assert_close(res.block_traces, ref["block_traces"], rtol=1e-9,
+                               atol=1e-12 * float(ref["block_traces"].abs().max()))
+    # float32 products, float64 sums: float32 rounding, nothing more
+    r32 = exact_curvature(model.float(), (x.float(), y), layer="last", device="cpu",
+                          batch_size=4, route="gram", chunk_bytes=20000, dtype=torch.float32)
+    assert rel(r32.trace, ref["trace"]) <= 1e-5
+    assert rel(r32.relative_flatness, ref["relative_flatness"]) <= 1e-5
+
+
+class _SizeInHead(nn.Module):
+    """The head reshapes with the input's batch size, an external that is not a tensor: the
+    head must then run on the whole batch (a chunk would be reshaped to the wrong size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.last = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        n = x.size(0)
+        h = F.gelu(self.last(torch.tanh(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).view(n, -1))
+
+
+def test_head_with_batch_size_external_runs_on_whole_batch():
+    torch.manual_seed(5)
+    model = _SizeInHead().double()
+    x = torch.randn(7, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    H = autograd_kernel_hessian(model, "last", x, y)
+    ref = dense_measures(H, model.last.weight.detach())
+    res = exact_curvature(model, (x, y), device="cpu", batch_size=4, chunk_bytes=1)
+    assert res.layer == "last"
+    assert rel(res.trace, ref["trace"]) <= 1e-9
+    assert rel(res.relative_flatness, ref["relative_flatness"]) <= 1e-9
+
+
 def test_auto_head_detection_finds_last_conv_in_suite():
     model, _, _ = build_case(SUITE[0])
     assert find_head(model).conv_name == "last"

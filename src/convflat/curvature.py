@@ -464,6 +464,14 @@ class _Plan:
             if node.op == "call_module":
                 attrs[node.target] = gm.get_submodule(node.target)
         hg.output((hmap[head._feature_node], hmap[head._linear_node]))
+        # externals computed from the input carry the batch in dim 0 and are sliced with the
+        # conv output when the head runs on a chunk of the batch; those computed from
+        # parameters alone are passed whole
+        dep: set[fx.Node] = set()
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" or any(i in dep for i in node.all_input_nodes):
+                dep.add(node)
+        self.batched_externals = [e in dep for e in head._externals]
         root = {k: copy.deepcopy(v) for k, v in attrs.items()}
         head_fn = fx.GraphModule(root, hg)
         head_fn = head_fn.to(device=device, dtype=dtype).eval()
@@ -492,22 +500,67 @@ class _Plan:
             self.explicit_pad = (pads, mode)
             self.padding = (0, 0)
 
-    def patches(self, X: torch.Tensor) -> torch.Tensor:
-        """Patches U (B, groups, d, P) of the conv input, in ``dtype``."""
+    def chunk_externals(self, externals: list[Any], sl: slice, B: int) -> list[Any] | None:
+        """The externals for the samples ``sl`` of a batch of ``B``, or None when the head
+        cannot run on part of the batch (an input-dependent external that is not a batch
+        tensor, such as the input's size)."""
+        out = []
+        for e, batched in zip(externals, self.batched_externals):
+            if not batched:
+                out.append(e)
+            elif isinstance(e, torch.Tensor) and e.dim() > 0 and e.shape[0] == B:
+                out.append(e[sl])
+            else:
+                return None
+        return out
+
+    def patch_rows(self, X: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+        """Patches as rows, ``Ut`` (b, groups, P, d), in ``dtype``, written into ``ws``.
+
+        The order within a patch is (kh, kw, C_in), not that of ``W.view(C, -1)``: every
+        contraction of :func:`exact_curvature` sums over the patch entries, so their order does
+        not matter, and gathering from a channels-last copy of X moves whole channel runs
+        (3-6x faster on CPU than the (C_in, kh, kw) gather of :meth:`patches`).
+        """
         conv = self.head.conv
-        X = X.to(device=self.device, dtype=self.dtype)
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        X = X.to(device=self.device)
+        b, Cin, H, W = X.shape
         if self.explicit_pad is not None:
             pads, mode = self.explicit_pad
             X = F.pad(X, pads, mode=mode)
-        U = _patches(X, conv.kernel_size, self.padding, conv.stride, conv.dilation)
+            Xc = ws.get("X", (b, X.shape[2], X.shape[3], Cin))
+            Xc.copy_(X.permute(0, 2, 3, 1))
+        else:  # zero padding: the borders of the buffer are zero once and never written
+            ph, pw = self.padding
+            Xc = ws.get("X", (b, H + 2 * ph, W + 2 * pw, Cin), zero=True)
+            Xc[:, ph:ph + H, pw:pw + W].copy_(X.permute(0, 2, 3, 1))
+        V = Xc.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)
+        V = V[..., ::dh, ::dw]  # (b, Ho, Wo, C_in, kh, kw)
+        Ho, Wo, G = V.shape[1], V.shape[2], self.groups
+        V = V.unflatten(3, (G, Cin // G)).permute(0, 3, 1, 2, 5, 6, 4)
+        Ut = ws.get("U", (b, G, Ho, Wo, kh, kw, Cin // G))
+        Ut.copy_(V)
+        return Ut.view(b, G, Ho * Wo, -1)
+
+    def patches(self, X: torch.Tensor) -> torch.Tensor:
+        """Patches U (B, groups, d, P) of the conv input, in ``dtype``."""
+        conv = self.head.conv
+        X = X.to(device=self.device)
+        if self.explicit_pad is not None:
+            pads, mode = self.explicit_pad
+            X = F.pad(X, pads, mode=mode)
+        U = _patches(X, conv.kernel_size, self.padding, conv.stride, conv.dilation, self.dtype)
         return U.view(X.shape[0], self.groups, -1, U.shape[-1])
 
 
-def _patches(X: torch.Tensor, kernel, padding, stride, dilation) -> torch.Tensor:
+def _patches(X: torch.Tensor, kernel, padding, stride, dilation,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
     """im2col: (B, C_in*kh*kw, Ho*Wo), ordered like ``W.view(C, -1)`` (as ``F.unfold``).
 
-    Built from strided views (``Tensor.unfold``) and one copy; ``F.unfold``'s im2col kernel was
-    10-100x slower on CPU here, in float64 above all (measured in ``bench curvature``).
+    Built from strided views (``Tensor.unfold``) and one copy that also converts to ``dtype``;
+    ``F.unfold``'s im2col kernel was 10-100x slower on CPU here, in float64 above all, and
+    converting after the copy costs a second pass over the largest array of the computation.
     """
     (kh, kw), (ph, pw), (sh, sw), (dh, dw) = kernel, padding, stride, dilation
     if ph or pw:
@@ -516,7 +569,32 @@ def _patches(X: torch.Tensor, kernel, padding, stride, dilation) -> torch.Tensor
     V = X.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
     V = V[..., ::dh, ::dw]  # (B, C_in, Ho, Wo, kh, kw)
     Ho, Wo = V.shape[2], V.shape[3]
-    return V.permute(0, 1, 4, 5, 2, 3).reshape(B, Cin * kh * kw, Ho * Wo)
+    out = torch.empty((B, Cin, kh, kw, Ho, Wo), dtype=dtype or X.dtype, device=X.device)
+    out.copy_(V.permute(0, 1, 4, 5, 2, 3))
+    return out.view(B, Cin * kh * kw, Ho * Wo)
+
+
+class _Workspace:
+    """Buffers reused across the chunks and batches of one measurement.
+
+    On CPU a fresh large tensor pays a page fault per page on first touch: writing 38 MB of
+    float64 into fresh memory took 4x as long as into reused memory here. Buffers are keyed by
+    name; a request with the same trailing shape and at most as many samples gets a view of
+    the existing buffer. With ``zero=True`` a new buffer starts zeroed and callers only ever
+    write its interior (the zero borders of the padded input).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], zero: bool = False) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[1:] != tuple(shape[1:]) or buf.shape[0] < shape[0]:
+            make = torch.zeros if zero else torch.empty
+            buf = make(tuple(shape), dtype=self.dtype, device=self.device)
+            self._bufs[name] = buf
+        return buf[:shape[0]]
 
 
 def _fetch_attr(gm: nn.Module, target: str) -> Any:
@@ -551,17 +629,24 @@ class HeadBatch:
         return self.patches_grouped[:, 0].transpose(1, 2)
 
 
-def _run_head(plan: _Plan, x: torch.Tensor, y: torch.Tensor, batch_index: int) -> HeadBatch:
-    """Trunk without autograd, then S and T by one or two backward passes through the head."""
+def _trunk(plan: _Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+    """The model up to the conv, without autograd: conv input X, conv output a, externals
+    (floating tensors converted to the plan's dtype)."""
     with torch.no_grad():
         outs = plan.trunk(x)
-    X, a, externals = outs[0], outs[1], [
+    externals = [
         e.to(device=plan.device, dtype=plan.dtype) if isinstance(e, torch.Tensor) and
         e.is_floating_point() else e for e in outs[2:]
     ]
-    U = plan.patches(X)
+    return outs[0], outs[1], externals
+
+
+def _head(plan: _Plan, a: torch.Tensor, externals: list[Any]
+          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """S, T (b, C, P), features g (b, C) and logits z (b, K) by one or two backward passes
+    through the head copy; T is None for piecewise-linear heads (sigma'' = 0)."""
     a = a.to(device=plan.device, dtype=plan.dtype)
-    B = a.shape[0]
+    b = a.shape[0]
     with torch.enable_grad():
         a_leaf = a.detach().requires_grad_(True)
         g, z = plan.head_fn(a_leaf, *externals)
@@ -573,21 +658,20 @@ def _run_head(plan: _Plan, x: torch.Tensor, y: torch.Tensor, batch_index: int) -
             )
         # S[n,c,p] = d g_{n,c} / d a_{n,c,p}: g_{n,c} depends only on a_{n,c,:}, so the
         # gradient of sum(g) holds every entry at once.
-        (S,) = torch.autograd.grad(g.sum(), a_leaf, create_graph=not plan.head.piecewise_linear)
-        if plan.head.piecewise_linear:
-            T = torch.zeros_like(S)
-        else:
+        smooth = not plan.head.piecewise_linear
+        (S,) = torch.autograd.grad(g.sum(), a_leaf, create_graph=smooth)
+        T = None
+        if smooth:
             # the head's Hessian in a is diagonal, so d sum(S) / d a is that diagonal
             (T,) = torch.autograd.grad(S.sum(), a_leaf, allow_unused=True)
-            T = torch.zeros_like(S) if T is None else T
-    z = z.detach()
-    if not torch.isfinite(z).all():
-        raise ValueError(
-            f"non-finite logits in batch {batch_index} (samples "
-            f"{batch_index}x{B}); check the checkpoint and the input normalization"
-        )
-    y = y.to(device=plan.device).long().view(-1)
-    K = z.shape[1]
+            T = torch.zeros_like(S) if T is None else T.detach().reshape(b, plan.C, -1)
+    return S.detach().reshape(b, plan.C, -1), T, g.detach(), z.detach()
+
+
+def _check_labels(y: torch.Tensor, B: int, batch_index: int, K: int,
+                  device: torch.device) -> torch.Tensor:
+    """Labels in 0..K-1, one per input (the errors name the batch); returns y as int64."""
+    y = y.to(device=device).long().view(-1)
     if y.numel() != B:
         raise ValueError(f"batch {batch_index}: {B} inputs but {y.numel()} labels")
     if y.min() < 0 or y.max() >= K:
@@ -595,13 +679,30 @@ def _run_head(plan: _Plan, x: torch.Tensor, y: torch.Tensor, batch_index: int) -
             f"batch {batch_index}: labels must lie in 0..{K - 1} for a {K}-class classifier, "
             f"got range {int(y.min())}..{int(y.max())}"
         )
+    return y
+
+
+def _check_finite(z: torch.Tensor, batch_index: int, B: int) -> None:
+    if not torch.isfinite(z).all():
+        raise ValueError(
+            f"non-finite logits in batch {batch_index} (samples "
+            f"{batch_index}x{B}); check the checkpoint and the input normalization"
+        )
+
+
+def _run_head(plan: _Plan, x: torch.Tensor, y: torch.Tensor, batch_index: int) -> HeadBatch:
+    """Trunk without autograd, then S and T by one or two backward passes through the head."""
+    X, a, externals = _trunk(plan, x)
+    S, T, g, z = _head(plan, a, externals)
+    _check_finite(z, batch_index, z.shape[0])
+    y = _check_labels(y, z.shape[0], batch_index, z.shape[1], plan.device)
     return HeadBatch(
-        patches_grouped=U,
-        S=S.detach().reshape(B, plan.C, -1),
-        T=T.detach().reshape(B, plan.C, -1),
+        patches_grouped=plan.patches(X),
+        S=S,
+        T=torch.zeros_like(S) if T is None else T,
         probs=torch.softmax(z, dim=1),
         labels=y,
-        features=g.detach(),
+        features=g,
         V=plan.V,
         logits=z,
     )
@@ -633,51 +734,124 @@ def _route_costs(C: int, P: int, d: int) -> dict[str, int]:
     return {"direct": C * P * d + C * C * d, "gram": P * P * d + C * P * P + C * C * P}
 
 
-def _chunk_terms(
-    hb: HeadBatch, sl: slice, route: str, Vp: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the samples ``sl`` of a batch: ``JJ`` (b, C, C) with ``JJ_n = <J_{n,c}, J_{n,c'}>``,
-    the patch norms ``Q_n[p,p]`` (b, G, P), and ``sum_n (D_n J_n)(D_n J_n)^T`` (C, C) with
-    ``D_n = diag(V^T p_n)``: the ``-(V^T p)(V^T p)^T`` part of ``M_n``, done as one GEMM whose
-    inner dimension runs over samples and positions (an einsum over ``b`` was 20x slower).
+def _products(Ut: torch.Tensor, S: torch.Tensor, route: str, ws: _Workspace,
+              need_diag: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """For a chunk of samples: ``JJ`` (b, C, C) with ``JJ_n = <J_{n,c}, J_{n,c'}>`` (in a
+    workspace buffer), if ``need_diag`` the patch norms ``Q_n[p,p]`` (b, G, P), and on the
+    Gram route ``S_n Q_n`` (b, C, P), else None.
 
-    Gram route: ``JJ_n = S_n Q_n S_n^T`` with ``Q_n = U_n^T U_n`` (P x P). Direct route:
-    ``J_n = S_n U_n^T`` (C x d), ``JJ_n = J_n J_n^T``. Grouped convolutions take the direct
-    route, the filters of group g seeing the patches of group g.
+    Gram route: ``JJ_n = S_n Q_n S_n^T`` with ``Q_n = U_n^T U_n`` (P x P), whose diagonal is
+    the patch norms. Direct route: ``J_n = S_n U_n^T`` (C x d), ``JJ_n = J_n J_n^T``. Grouped
+    convolutions take the direct route, the filters of group g seeing the patches of group g.
+    ``Ut`` holds the patches as rows, (b, G, P, d).
     """
-    U = hb.patches_grouped[sl]  # (b, G, d, P)
-    S = hb.S[sl]  # (b, C, P)
-    b, G, d, P = U.shape
+    b, G, P, d = Ut.shape
     C = S.shape[1]
-    diagQ = (U * U).sum(2)  # (b, G, P)
-    DS = S * Vp[sl].unsqueeze(2)  # (b, C, P), rows scaled by V^T p_n
+    JJ = ws.get("JJ", (b, C, C))
     if G == 1 and route == "gram":
-        Q = U[:, 0].transpose(1, 2) @ U[:, 0]  # (b, P, P)
-        JJ = (S @ Q) @ S.transpose(1, 2)
-        left = DS.permute(1, 0, 2).reshape(C, b * P)
-        right = (Q @ DS.transpose(1, 2)).reshape(b * P, C)
-        return JJ, diagQ, left @ right
-    J = (S.view(b, G, C // G, P) @ U.transpose(2, 3)).reshape(b, C, d)  # sum_p S[c,p] u_p
-    DJ = (J * Vp[sl].unsqueeze(2)).permute(1, 0, 2).reshape(C, b * d)
-    return J @ J.transpose(1, 2), diagQ, DJ @ DJ.T
+        U0 = Ut[:, 0]
+        Q = torch.matmul(U0, U0.transpose(1, 2), out=ws.get("Q", (b, P, P)))
+        SQ = torch.matmul(S, Q, out=ws.get("SQ", (b, C, P)))
+        torch.matmul(SQ, S.transpose(1, 2), out=JJ)
+        return JJ, Q.diagonal(dim1=1, dim2=2).unsqueeze(1) if need_diag else None, SQ
+    J = torch.matmul(S.view(b, G, C // G, P), Ut, out=ws.get("J", (b, G, C // G, d)))
+    J = J.view(b, C, d)  # sum_p S[c,p] u_p
+    torch.matmul(J, J.transpose(1, 2), out=JJ)
+    diag = None
+    if need_diag:
+        sq = torch.mul(Ut, Ut, out=ws.get("U2", (b, G, P, d)))
+        diag = sq.sum(-1)
+    return JJ, diag, None
 
 
-def _add_class_terms(BT: torch.Tensor, JJ: torch.Tensor, p: torch.Tensor, V: torch.Tensor,
-                     chunk_bytes: int) -> None:
-    """``BT += sum_n (V^T diag(p_n) V) o JJ_n = sum_k diag(v_k) [sum_n p_nk JJ_n] diag(v_k)``.
+_CLASS_SUM_MAX_BYTES = 256 * 2**20  # the (K, C^2) accumulator of _GaussNewtonSum, at most
 
-    The inner sum over samples is one GEMM ``p^T (K x b) @ JJ (b x C^2)``; classes are chunked
-    so that the (k, C, C) temporary stays within ``chunk_bytes``.
+
+class _GaussNewtonSum:
+    """``sum_n M_n o JJ_n`` with ``M_n = V^T diag(p_n) V - m_n m_n^T``, ``m_n = V^T p_n``,
+    streamed over chunks of samples; :meth:`total` returns the (C, C) float64 sum.
+
+    First part, ``sum_k (v_k v_k^T) o [sum_n p_nk JJ_n]``: the bracket is one GEMM
+    ``p^T (K x b) @ JJ (b x C^2)`` per chunk, accumulated over the whole measurement in a
+    (K, C^2) buffer and scaled by ``v_k v_k^T`` once at the end. Where that buffer would exceed
+    ``max_bytes`` (ImageNet heads: 1000 classes x 512^2), each chunk's product is scaled at
+    once, classes chunked to ``chunk_bytes``.
+
+    Second part, ``sum_n (m_n m_n^T) o JJ_n = sum_n (D_n S_n Q_n)(D_n S_n)^T``: either in place
+    on JJ (two scalings and a sum over samples, C^2 per sample, memory-bound), or on the Gram
+    route as one GEMM whose inner dimension runs over samples and positions (C^2 P per sample,
+    compute-bound), whichever the shape makes cheaper (``outer_gemm``).
     """
-    b, C, _ = JJ.shape
-    K = p.shape[1]
-    flat = JJ.reshape(b, C * C)
-    per = max(1, int(chunk_bytes // max(1, C * C * JJ.element_size())))
-    for k0 in range(0, K, per):
-        ks = slice(k0, min(K, k0 + per))
-        acc = (p[:, ks].T @ flat).view(-1, C, C)  # (k, C, C)
-        Vk = V[ks]  # (k, C)
-        BT += ((Vk.unsqueeze(2) * acc) * Vk.unsqueeze(1)).sum(0).to(BT.dtype)
+
+    def __init__(self, V: torch.Tensor, acc: torch.dtype, ws: _Workspace, chunk_bytes: int,
+                 outer_gemm: bool):
+        K, C = V.shape
+        self.V, self.ws, self.chunk_bytes, self.outer_gemm = V, ws, chunk_bytes, outer_gemm
+        self.BT = torch.zeros(C, C, dtype=acc, device=V.device)
+        self.R = None
+        if K * C * C * torch.empty((), dtype=acc).element_size() <= _CLASS_SUM_MAX_BYTES:
+            self.R = torch.zeros(K, C * C, dtype=acc, device=V.device)
+
+    def add(self, JJ: torch.Tensor, p: torch.Tensor, S: torch.Tensor,
+            SQ: torch.Tensor | None) -> None:
+        """One chunk: ``JJ`` (b, C, C) is consumed; ``S``, ``SQ`` (b, C, P) for the GEMM."""
+        b, C, _ = JJ.shape
+        K = p.shape[1]
+        flat = JJ.view(b, C * C)
+        if self.R is not None:
+            if self.R.dtype == flat.dtype:
+                torch.addmm(self.R, p.T, flat, out=self.R)
+            else:
+                self.R += (p.T @ flat).to(self.R.dtype)
+        else:
+            per = max(1, min(K, int(self.chunk_bytes // max(1, C * C * JJ.element_size()))))
+            for k0 in range(0, K, per):
+                ks = slice(k0, min(K, k0 + per))
+                R = self.ws.get("R", (per, C * C))[: ks.stop - ks.start]
+                torch.mm(p[:, ks].T, flat, out=R)
+                self._add_scaled(R, self.V[ks])
+        m = p @ self.V  # (b, C)
+        if self.outer_gemm and SQ is not None:
+            P = S.shape[2]
+            L = self.ws.get("L", (C, b, P))
+            torch.mul(SQ.permute(1, 0, 2), m.T.unsqueeze(2), out=L)
+            Rt = self.ws.get("Rt", (C, b, P))
+            torch.mul(S.permute(1, 0, 2), m.T.unsqueeze(2), out=Rt)
+            self.BT -= (L.view(C, b * P) @ Rt.view(C, b * P).T).to(self.BT.dtype)
+        else:
+            JJ.mul_(m.unsqueeze(2)).mul_(m.unsqueeze(1))
+            self.BT -= JJ.sum(0).to(self.BT.dtype)
+
+    def _add_scaled(self, R: torch.Tensor, Vk: torch.Tensor) -> None:
+        C = Vk.shape[1]
+        R3 = R.view(-1, C, C).mul_(Vk.unsqueeze(2).to(R.dtype)).mul_(Vk.unsqueeze(1).to(R.dtype))
+        self.BT += R3.sum(0).to(self.BT.dtype)
+
+    def total(self) -> torch.Tensor:
+        if self.R is not None:
+            K, C = self.V.shape
+            per = max(1, min(K, int(self.chunk_bytes // max(1, C * C * self.R.element_size()))))
+            for k0 in range(0, K, per):
+                self._add_scaled(self.R[k0:k0 + per], self.V[k0:k0 + per])
+            self.R = None
+        return self.BT
+
+
+def _outer_by_gemm(C: int, P: int) -> bool:
+    """Whether ``sum_n D_n JJ_n D_n`` is cheaper as one GEMM (C^2 P multiply-adds and two
+    scaled copies of C P per sample) than in place on JJ (three memory passes over C^2 per
+    sample), counting a GEMM multiply-add at 1/8 of a memory-bound element operation."""
+    return C * C * P / 8 + 4 * C * P < 3 * C * C
+
+
+def _samples_per_chunk(C: int, P: int, d: int, G: int, route: str, esize: int,
+                       chunk_bytes: int) -> int:
+    """Samples whose per-sample arrays (patches, Q or J, S, T, JJ and the head's temporaries)
+    fit in ``chunk_bytes``: small chunks stay in cache and reuse the allocator's memory,
+    which on CPU made the memory-bound steps several times faster than whole batches."""
+    per_sample = G * d * P + C * C + 8 * C * P
+    per_sample += P * P if (route == "gram" and G == 1) else C * d
+    return max(1, int(chunk_bytes // (esize * per_sample)))
 
 
 @dataclass
@@ -785,7 +959,7 @@ def exact_curvature(
     batch_size: int | None = None,
     route: str = "auto",
     progress: bool = False,
-    chunk_bytes: int = 64 * 2**20,
+    chunk_bytes: int | None = None,
 ) -> CurvatureResult:
     """Exact trace, block traces and relative flatness of the conv that feeds GAP.
 
@@ -801,7 +975,9 @@ def exact_curvature(
         route: "gram" (patch Gram Q_n = U_n^T U_n), "direct" (J_n = S_n U_n^T), or "auto"
             (the cheaper from the layer's shape, MATH.md section 5).
         progress: show a progress bar over batches.
-        chunk_bytes: memory budget for the per-sample C x C products within a batch.
+        chunk_bytes: memory budget for the per-sample arrays of one chunk of a batch (the
+            head, the patches and the C x C products run chunk by chunk); default 8 MiB on
+            CPU, where small chunks stay in cache, and 256 MiB on CUDA.
 
     The model is measured in eval mode and left in the mode it came in. Memory does not grow
     with the number of samples: sums are streamed over batches.
@@ -818,7 +994,6 @@ def exact_curvature(
     with _eval_mode(model):
         plan = _Plan(model, head, dev, dtype)
         C = plan.C
-        BT = torch.zeros(C, C, dtype=acc, device=dev)  # sum_n of the block-trace terms
         T_diag = torch.zeros(C, dtype=acc, device=dev)  # the sigma'' term (diagonal blocks)
         clf_tr = torch.zeros((), dtype=acc, device=dev)
         clf_kap = torch.zeros((), dtype=acc, device=dev)
@@ -826,6 +1001,13 @@ def exact_curvature(
         correct = 0
         n = 0
         chosen = route
+        K = plan.V.shape[0]
+        conv = head.conv
+        d = (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+        esize = torch.empty((), dtype=dtype).element_size()
+        budget = chunk_bytes or (256 * 2**20 if dev.type == "cuda" else 8 * 2**20)
+        ws = _Workspace(dev, dtype)
+        gn: _GaussNewtonSum | None = None  # made at the first batch, when P is known
         batches: Iterable = iter_batches(data, batch_size)
         bar = tqdm(batches, desc=f"exact curvature [{head.conv_name}]", unit="batch",
                    disable=not progress, leave=False)
@@ -833,44 +1015,55 @@ def exact_curvature(
             if x.shape[0] == 0:
                 continue
             x = x.to(device=dev, dtype=mdtype)
-            if bi == 0:
-                model_logits = model(x[:8])
-            hb = _run_head(plan, x, y, bi)
-            if bi == 0:
-                _check_logits(model_logits, hb.logits[:8], head)
-            B, _, P = hb.S.shape
-            d = hb.patches_grouped.shape[2]
+            X, a, externals = _trunk(plan, x)
+            B, P = a.shape[0], a[0, 0].numel()
+            y = _check_labels(y, B, bi, K, dev)
             if chosen == "auto":
                 costs = _route_costs(C, P, d)
                 chosen = "gram" if costs["gram"] <= costs["direct"] else "direct"
             if plan.groups > 1:
                 chosen = "direct"
-            V = hb.V  # (K, C)
-            p = hb.probs  # (B, K)
-            Vp = p @ V  # (B, C) = V^T p_n
-            q = (p - F.one_hot(hb.labels, p.shape[1]).to(p.dtype)) @ V  # (B, C) = V^T r_n
-            per = max(1, int(chunk_bytes // max(1, 2 * C * C * p.element_size())))
+            per = _samples_per_chunk(C, P, d, plan.groups, chosen, esize, budget)
+            if gn is None:
+                gn = _GaussNewtonSum(plan.V, acc, ws, budget, chosen == "gram" and
+                                     plan.groups == 1 and _outer_by_gemm(C, P))
+            whole = None
+            if plan.chunk_externals(externals, slice(0, 1), B) is None:
+                whole = _head(plan, a, externals)  # the head needs the whole batch
             for s0 in range(0, B, per):
                 sl = slice(s0, min(B, s0 + per))
-                JJ, diagQ, outer = _chunk_terms(hb, sl, chosen, Vp)
+                if whole is None:
+                    S, T, g, z = _head(plan, a[sl], plan.chunk_externals(externals, sl, B))
+                else:
+                    S, T, g, z = (t[sl] if t is not None else None for t in whole)
+                _check_finite(z, bi, B)
+                if bi == 0 and s0 == 0:
+                    k8 = min(8, z.shape[0])
+                    with torch.no_grad():
+                        _check_logits(model(x[:k8]), z[:k8], head)
+                p = torch.softmax(z, dim=1)  # (b, K)
+                yc = y[sl]
+                JJ, diagQ, SQ = _products(plan.patch_rows(X[sl], ws), S, chosen, ws,
+                                          T is not None)
                 # Gauss-Newton part: M_n o JJ_n with M_n = V^T diag(p_n) V - (V^T p)(V^T p)^T
-                _add_class_terms(BT, JJ, p[sl], V, chunk_bytes)
-                BT -= outer.to(acc)
+                gn.add(JJ, p, S, SQ)
                 # sigma'' term, diagonal blocks only: q_n[c] sum_p T_n[c,p] Q_n[p,p]
-                if not head.piecewise_linear:
+                if T is not None:
                     G = diagQ.shape[1]
-                    Tg = hb.T[sl].view(-1, G, C // G, P)
-                    tq = (Tg * diagQ.unsqueeze(2)).sum(-1).reshape(-1, C)  # (b, C)
-                    T_diag += (q[sl] * tq).sum(0).to(acc)
-            t, k = classifier_curvature(hb.features, p, V)
-            clf_tr += t.to(acc)
-            clf_kap += k.to(acc)
-            loss_sum += F.cross_entropy(hb.logits, hb.labels, reduction="sum").to(acc)
-            correct += int((hb.logits.argmax(1) == hb.labels).sum())
+                    q = (p - F.one_hot(yc, K).to(p.dtype)) @ plan.V  # (b, C) = V^T r_n
+                    tq = (T.view(-1, G, C // G, P) * diagQ.unsqueeze(2)).sum(-1).reshape(-1, C)
+                    T_diag += (q * tq).sum(0).to(acc)
+                ctr, ckap = classifier_curvature(g, p, plan.V)
+                clf_tr += ctr.to(acc)
+                clf_kap += ckap.to(acc)
+                loss_sum += F.cross_entropy(z, yc, reduction="sum").to(acc)
+                correct += int((z.argmax(1) == yc).sum())
             n += B
         bar.close()
     if n == 0:
         raise ValueError("data is empty: no samples to measure the curvature on")
+    assert gn is not None
+    BT = gn.total()
     gn_trace = float(BT.diagonal().sum() / n)
     BT.diagonal().add_(T_diag)
     BT = (BT / n).cpu()
