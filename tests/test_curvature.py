@@ -411,6 +411,14 @@ class _SqueezeExcite(SmallGapNet):
         return self.fc(self.flat(self.pool(h * s)))
 
 
+class _BatchStatsBN(SmallGapNet):
+    """Eval BatchNorm without running statistics normalizes by the batch: not per-sample."""
+
+    def __init__(self):
+        super().__init__(bn=True)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+
+
 class _Untraceable(SmallGapNet):
     def forward(self, x):
         if x.sum() > 0:
@@ -426,6 +434,7 @@ class _Untraceable(SmallGapNet):
         (_MLPHead, "'relu'.* follows nn.Linear 'hidden'.*MLP head"),
         (_SqueezeExcite, "'sigmoid'.* follows nn.Linear 'se'.*squeeze-and-excitation"),
         (_Untraceable, "could not trace"),
+        (_BatchStatsBN, "BatchNorm2d module 'bn'.*statistics of the batch"),
     ],
 )
 def test_out_of_class_models_are_refused_naming_the_op(cls, pattern):
