@@ -844,9 +844,10 @@ class _GaussNewtonSum:
         m = p @ self.V  # (b, C)
         if self.outer_gemm and SQ is not None:
             P = S.shape[2]
-            L = self.ws.get("L", (C, b, P))
+            # flat buffers: a last, smaller chunk reuses them too
+            L = self.ws.get("L", (C * b * P,)).view(C, b, P)
             torch.mul(SQ.permute(1, 0, 2), m.T.unsqueeze(2), out=L)
-            Rt = self.ws.get("Rt", (C, b, P))
+            Rt = self.ws.get("Rt", (C * b * P,)).view(C, b, P)
             torch.mul(S.permute(1, 0, 2), m.T.unsqueeze(2), out=Rt)
             self.BT -= (L.view(C, b * P) @ Rt.view(C, b * P).T).to(self.BT.dtype)
         else:
