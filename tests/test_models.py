@@ -19,14 +19,7 @@ from convflat.models import (
 
 DIGITS = {"in_channels": 1, "num_classes": 10, "image_size": 8}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is fastest and does not stall on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (spec, expected name of the conv that feeds GAP)
 FAMILIES = [

@@ -18,14 +18,8 @@ from convflat.models import build_model
 
 DIGITS = {"in_channels": 1, "num_classes": 10, "image_size": 8}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest and does not stall on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 TINY = [
     {"family": "gapcnn", "width": 2, "depth": 2, **DIGITS},
     {"family": "gapcnn", "width": 2, "depth": 3, "batchnorm": False, "activation": "silu",

@@ -22,16 +22,7 @@ from convflat.train import DeviceData, TrainConfig, evaluate, lr_factor, train
 SMALL = {"family": "gapcnn", "width": 8, "depth": 3}
 FAST = TrainConfig(epochs=3, batch_size=64, lr=0.1, device="cpu")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, and two OpenMP threads stall badly when the
-    CPU is shared (CI, pytest-xdist); restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
