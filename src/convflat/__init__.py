@@ -6,7 +6,7 @@ flatness of arXiv 2603.09016, with the baselines and the statistics that judge t
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "CurvatureResult", "exact_curvature", "find_head"]
+__all__ = ["CurvatureResult", "__version__", "exact_curvature", "find_head"]
 
 
 def __getattr__(name: str):
