@@ -29,22 +29,79 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("case", SUITE, ids=[c.name for c in SUITE])
-def test_matches_dense_autograd_hessian(case):
+def test_matches_dense_autograd_hessian(case, monkeypatch):
+    """Every route against the dense Hessian: the automatic choice, the patch Gram from the
+    input's stride phases and from gathered patches, and the direct route."""
+    from convflat import curvature
+
     assert len(SUITE) >= 20
     model, x, y = build_case(case, seed=1)
     # batch size 3 does not divide the sample counts (7, 11, 13)
     assert x.shape[0] % 3 != 0
-    res = exact_curvature(model, (x, y), layer="last", device="cpu", batch_size=3)
     H = autograd_kernel_hessian(model, "last", x, y)
     ref = dense_measures(H, model.last.weight.detach())
-    assert res.n_samples == x.shape[0]
-    assert rel(res.trace, ref["trace"]) <= 1e-9
-    assert rel(res.relative_flatness, ref["relative_flatness"]) <= 1e-9
     blocks = ref["block_traces"]
-    err = (res.block_traces - blocks).abs() / blocks.abs().clamp_min(1e-300)
-    # every block trace to 1e-9 relative, or to 1e-12 of the largest where a block is ~0
-    ok = (err <= 1e-9) | ((res.block_traces - blocks).abs() <= 1e-12 * blocks.abs().max())
-    assert bool(ok.all()), f"worst block error {float(err.max()):.2e}"
+    for route, gram_from in [("auto", "auto"), ("gram", "phases"), ("gram", "patches"),
+                             ("direct", "auto")]:
+        monkeypatch.setattr(curvature, "_GRAM_FROM", gram_from)
+        res = exact_curvature(model, (x, y), layer="last", device="cpu", batch_size=3,
+                              route=route)
+        assert res.n_samples == x.shape[0]
+        assert rel(res.trace, ref["trace"]) <= 1e-9, (route, gram_from)
+        assert rel(res.relative_flatness, ref["relative_flatness"]) <= 1e-9, (route, gram_from)
+        err = (res.block_traces - blocks).abs() / blocks.abs().clamp_min(1e-300)
+        # every block trace to 1e-9 relative, or to 1e-12 of the largest where a block is ~0
+        ok = (err <= 1e-9) | ((res.block_traces - blocks).abs() <= 1e-12 * blocks.abs().max())
+        assert bool(ok.all()), f"{route}/{gram_from}: worst block error {float(err.max()):.2e}"
+
+
+GEOMETRIES = [
+    # kernel, stride, dilation, padding, padding_mode, input (H, W)
+    ((3, 3), (1, 1), (1, 1), (1, 1), "zeros", (6, 6)),
+    ((3, 3), (2, 2), (1, 1), (1, 1), "zeros", (8, 8)),
+    ((3, 3), (2, 2), (1, 1), (1, 1), "zeros", (7, 9)),  # odd sizes: phases of unequal size
+    ((3, 3), (2, 2), (2, 2), (2, 2), "zeros", (9, 8)),  # every offset in one phase
+    ((2, 3), (3, 3), (1, 1), (1, 1), "zeros", (8, 8)),  # one phase per offset
+    ((1, 1), (2, 2), (1, 1), (0, 0), "zeros", (7, 6)),  # a 1 x 1 shortcut: one phase of four
+    ((5, 2), (1, 3), (2, 1), (3, 0), "zeros", (9, 7)),
+    ((3, 3), (1, 1), (1, 1), "same", "zeros", (5, 6)),
+    ((2, 2), (1, 1), (1, 1), "same", "zeros", (5, 4)),  # asymmetric "same" padding
+    ((3, 3), (2, 1), (1, 1), (1, 1), "reflect", (7, 6)),
+    ((3, 3), (1, 1), (1, 1), (1, 1), "circular", (5, 5)),
+]
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+def test_phase_gram_equals_gram_of_unfolded_patches(geom, monkeypatch):
+    """The patch Gram from the input's stride phases against U^T U from ``F.unfold`` (torch's
+    own im2col, which orders patches like ``W.view(C, -1)``), float64."""
+    from convflat import curvature
+    from convflat.curvature import _Plan, _Workspace, find_head
+
+    monkeypatch.setattr(curvature, "_GRAM_FROM", "phases")  # also where patches are cheaper
+
+    kernel, stride, dilation, padding, mode, hw = geom
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation,
+                                  padding=padding, padding_mode=mode),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    net = net.double()
+    conv = net[0]
+    X = torch.randn(5, 3, *hw, dtype=torch.float64)
+    plan = _Plan(net, find_head(net), torch.device("cpu"), torch.float64)
+    Ho, Wo = conv(X).shape[2:]
+    pg = plan.gram(hw[0], hw[1], Ho, Wo)
+    assert pg is not None
+    Q = pg(plan.input_for_gram(X), _Workspace(torch.device("cpu"), torch.float64))
+    # reference: pad as the conv does (F.pad for the non-zero modes), then unfold
+    if isinstance(padding, str) or mode != "zeros":
+        Xp = F.pad(X, conv._reversed_padding_repeated_twice,
+                   mode="constant" if mode == "zeros" else mode)
+        U = F.unfold(Xp, kernel, dilation=dilation, stride=stride)
+    else:
+        U = F.unfold(X, kernel, dilation=dilation, padding=padding, stride=stride)
+    assert U.shape[2] == Ho * Wo
+    torch.testing.assert_close(Q, U.transpose(1, 2) @ U, rtol=1e-13, atol=1e-13)
 
 
 CHUNK_CASES = [c for c in SUITE if c.name in (
@@ -71,10 +128,12 @@ def test_chunks_of_one_sample_match_dense_autograd_hessian(case):
 @pytest.mark.parametrize("outer_gemm", [True, False])
 @pytest.mark.parametrize("class_sum", ["accumulated", "per chunk"])
 def test_gauss_newton_sum_strategies_match_dense_autograd(monkeypatch, outer_gemm, class_sum):
-    """Both ways of the ``m m^T`` term and both ways of the class sum give the exact blocks."""
+    """Both ways of the ``m m^T`` term and both ways of the class sum, on JJ formed one row
+    of filters at a time, give the exact blocks."""
     from convflat import curvature
 
     monkeypatch.setattr(curvature, "_outer_by_gemm", lambda C, P: outer_gemm)
+    monkeypatch.setattr(curvature, "_TILE_BYTES", 1)  # JJ one row of filters at a time
     if class_sum == "per chunk":
         monkeypatch.setattr(curvature, "_CLASS_SUM_MAX_BYTES", 0)
     case = next(c for c in SUITE if c.name == "relu, K=10, no bias")

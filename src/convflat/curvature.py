@@ -508,6 +508,37 @@ class _Plan:
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             self.explicit_pad = (pads, mode)
             self.padding = (0, 0)
+        # the phase Gram needs the zero padding only as an offset (top, left); other padding
+        # modes are applied to X first, so their padded entries take part in the Grams
+        self.zero_pads_tl = (pads[2], pads[0]) if conv.padding_mode == "zeros" else None
+        self._grams: dict[tuple[int, int, int, int], Any] = {}
+
+    def gram(self, H: int, W: int, Ho: int, Wo: int) -> _PhaseGram | None:
+        """How to form the patch Gram for an (H, W) input and an (Ho, Wo) output: a
+        :class:`_PhaseGram` when that is cheaper than ``U U^T`` from gathered patches (or when
+        ``_GRAM_FROM`` says so), else None (patches)."""
+        key = (H, W, Ho, Wo)
+        if key not in self._grams:
+            conv = self.head.conv
+            if self.zero_pads_tl is None:  # padded explicitly: the padded input is "real"
+                pads, _ = self.explicit_pad
+                H, W, tl = H + pads[2] + pads[3], W + pads[0] + pads[1], (0, 0)
+            else:
+                tl = self.zero_pads_tl
+            pg = _PhaseGram(conv.kernel_size, conv.stride, conv.dilation, tl, H, W, Ho, Wo)
+            d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            patch_cost = Ho * Wo * (Ho * Wo * d + d)  # U U^T and the gather
+            use = {"phases": True, "patches": False}.get(
+                _GRAM_FROM, pg.cost(conv.in_channels) <= patch_cost)
+            self._grams[key] = pg if (use and self.groups == 1) else None
+        return self._grams[key]
+
+    def input_for_gram(self, X: torch.Tensor) -> torch.Tensor:
+        """X as the phase Gram reads it: padded explicitly unless the padding is zeros."""
+        if self.zero_pads_tl is None:
+            pads, mode = self.explicit_pad
+            X = F.pad(X, pads, mode=mode)
+        return X
 
     def chunk_externals(self, externals: list[Any], sl: slice, B: int) -> list[Any] | None:
         """The externals for the samples ``sl`` of a batch of ``B``, or None when the head
@@ -561,6 +592,100 @@ class _Plan:
             X = F.pad(X, pads, mode=mode)
         U = _patches(X, conv.kernel_size, self.padding, conv.stride, conv.dilation, self.dtype)
         return U.view(X.shape[0], self.groups, -1, U.shape[-1])
+
+
+# Where the patch Gram comes from: "auto" (the cheaper by multiply-adds), "phases" or "patches"
+# (tests force each one)
+_GRAM_FROM = "auto"
+
+
+class _PhaseGram:
+    r"""The patch Gram ``Q_n[p,p'] = <u_{n,p}, u_{n,p'}>`` from Grams of the input itself.
+
+    A patch is the stack of the input vectors ``x_r`` (C_in entries, r a position of the padded
+    input) under the kernel's offsets ``o = (i_k d_h, j_k d_w)``: ``u_p = (x_{s p + o})_o``
+    with s the stride. Hence
+
+    .. math:: Q[p,p'] = \sum_o \langle x_{s p + o},\, x_{s p' + o} \rangle ,
+
+    and the two positions of each pair differ by a multiple of the stride, so they lie in the
+    same *stride phase* ``phi = o mod s``. With the Gram ``R_phi = X_phi X_phi^T`` of the input
+    positions of one phase (real positions only: padded zeros contribute nothing), every
+    offset adds one shifted block of ``R_phi`` to Q:
+    ``Q[p,p'] += R_phi[p + floor(o / s) - t0, p' + floor(o / s) - t0]`` where the index is in
+    range (``t0``: the phase index of the first real input row or column).
+
+    Cost per sample: ``sum_phi n_phi^2 C_in`` multiply-adds for the Grams and ``k_h k_w P^2``
+    additions, against ``P^2 d = k_h k_w P^2 C_in`` for ``U U^T`` and a gather of ``P d``
+    patch entries. A stride-1 conv has one phase of about P positions: ~k_h k_w times fewer
+    multiply-adds (9x for 3 x 3); stride 2 has four phases of about P each: ~2.25x fewer for
+    3 x 3. No library forms a patch Gram this way, hence the hand-written shifts.
+    """
+
+    def __init__(self, kernel, stride, dilation, pads_tl, H: int, W: int, Ho: int, Wo: int):
+        (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+        top, left = pads_tl
+        self.Ho, self.Wo = Ho, Wo
+
+        def axis(phase, s, pad, n_in, n_out, shifts):
+            """Real input indices of one phase (start, count, index of the first in the
+            phase grid) and, per shift, the output range it reaches and the R offset."""
+            start = (phase - pad) % s
+            count = max(0, -(-(n_in - start) // s))
+            t0 = (start + pad) // s
+            ranges = []
+            for alpha in shifts:
+                lo, hi = max(0, t0 - alpha), min(n_out, count + t0 - alpha)
+                ranges.append((lo, hi, lo + alpha - t0) if lo < hi else None)
+            return start, count, ranges
+
+        rows: dict[int, list[int]] = {}  # phase -> shifts floor(d a / s)
+        cols: dict[int, list[int]] = {}
+        for a in range(kh):
+            rows.setdefault(dh * a % sh, []).append(dh * a // sh)
+        for b in range(kw):
+            cols.setdefault(dw * b % sw, []).append(dw * b // sw)
+        # one entry per stride phase: (row start, rows, col start, cols, [(row range, col
+        # range)] for each kernel offset of the phase that reaches the output)
+        self.phases = []
+        for ph, ashifts in rows.items():
+            r0, nr, rr = axis(ph, sh, top, H, Ho, ashifts)
+            for pw, bshifts in cols.items():
+                c0, nc, cr = axis(pw, sw, left, W, Wo, bshifts)
+                terms = [(ri, ci) for ri in rr for ci in cr if ri is not None and ci is not None]
+                if terms and nr and nc:
+                    self.phases.append(((r0, nr, sh), (c0, nc, sw), terms))
+
+    def cost(self, c_in: int) -> int:
+        """Multiply-adds (Grams) plus additions (shifted blocks) per sample."""
+        P = self.Ho * self.Wo
+        return sum((nr * nc) ** 2 * c_in + len(t) * P * P
+                   for (_, nr, _), (_, nc, _), t in self.phases)
+
+    def numel(self, c_in: int) -> int:
+        """Workspace entries per sample (input phases and their Grams)."""
+        return sum(nr * nc * (c_in + nr * nc) for (_, nr, _), (_, nc, _), _ in self.phases)
+
+    def __call__(self, X: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+        """``Q`` (b, P, P) in the workspace's dtype from the (padded if needed) input X."""
+        b, c_in = X.shape[:2]
+        P = self.Ho * self.Wo
+        Q = ws.get("Q", (b, P, P))
+        Q.zero_()
+        Q6 = Q.view(b, self.Ho, self.Wo, self.Ho, self.Wo)
+        for k, ((r0, nr, sh), (c0, nc, sw), terms) in enumerate(self.phases):
+            n = nr * nc
+            Xp = ws.get(f"Xphase{k}", (b, nr, nc, c_in))
+            Xp.copy_(X[:, :, r0:r0 + (nr - 1) * sh + 1:sh, c0:c0 + (nc - 1) * sw + 1:sw]
+                     .permute(0, 2, 3, 1))
+            Xp = Xp.view(b, n, c_in)
+            R = torch.matmul(Xp, Xp.transpose(1, 2), out=ws.get(f"Rphase{k}", (b, n, n)))
+            R6 = R.view(b, nr, nc, nr, nc)
+            for (i0, i1, ri), (j0, j1, rj) in terms:
+                hi, wj = i1 - i0, j1 - j0
+                Q6[:, i0:i1, j0:j1, i0:i1, j0:j1] += \
+                    R6[:, ri:ri + hi, rj:rj + wj, ri:ri + hi, rj:rj + wj]
+        return Q
 
 
 def _patches(X: torch.Tensor, kernel, padding, stride, dilation,
@@ -760,58 +885,52 @@ def head_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def _route_costs(C: int, P: int, d: int) -> dict[str, int]:
-    """Multiply-adds per sample for the block traces (MATH.md section 5)."""
-    return {"direct": C * P * d + C * C * d, "gram": P * P * d + C * P * P + C * C * P}
+def _route_costs(C: int, P: int, d: int, gram_cost: int | None = None) -> dict[str, int]:
+    """Multiply-adds per sample for the block traces (MATH.md section 5); ``gram_cost`` is
+    what the patch Gram costs when it comes from the input's phases (else ``P^2 d``)."""
+    q = P * P * d if gram_cost is None else gram_cost
+    return {"direct": C * P * d + C * C * d, "gram": q + C * P * P + C * C * P}
 
 
-def _products(Ut: torch.Tensor, S: torch.Tensor, route: str, ws: _Workspace,
-              need_diag: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """For a chunk of samples: ``JJ`` (b, C, C) with ``JJ_n = <J_{n,c}, J_{n,c'}>`` (in a
-    workspace buffer), if ``need_diag`` the patch norms ``Q_n[p,p]`` (b, G, P), and on the
-    Gram route ``S_n Q_n`` (b, C, P), else None.
-
-    Gram route: ``JJ_n = S_n Q_n S_n^T`` with ``Q_n = U_n^T U_n`` (P x P), whose diagonal is
-    the patch norms. Direct route: ``J_n = S_n U_n^T`` (C x d), ``JJ_n = J_n J_n^T``. Grouped
-    convolutions take the direct route, the filters of group g seeing the patches of group g.
-    ``Ut`` holds the patches as rows, (b, G, P, d).
-    """
+def _direct_products(Ut: torch.Tensor, S: torch.Tensor, ws: _Workspace, need_diag: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Direct route for a chunk: ``J_n = S_n U_n^T`` (b, C, d), whose ``J_n J_n^T`` are the
+    ``JJ_n``, and if ``need_diag`` the patch norms (b, G, P). Grouped convolutions take this
+    route, the filters of group g seeing the patches of group g. ``Ut``: patches as rows
+    (b, G, P, d)."""
     b, G, P, d = Ut.shape
     C = S.shape[1]
-    JJ = ws.get("JJ", (b, C, C))
-    if G == 1 and route == "gram":
-        U0 = Ut[:, 0]
-        Q = torch.matmul(U0, U0.transpose(1, 2), out=ws.get("Q", (b, P, P)))
-        SQ = torch.matmul(S, Q, out=ws.get("SQ", (b, C, P)))
-        torch.matmul(SQ, S.transpose(1, 2), out=JJ)
-        return JJ, Q.diagonal(dim1=1, dim2=2).unsqueeze(1) if need_diag else None, SQ
     J = torch.matmul(S.view(b, G, C // G, P), Ut, out=ws.get("J", (b, G, C // G, d)))
-    J = J.view(b, C, d)  # sum_p S[c,p] u_p
-    torch.matmul(J, J.transpose(1, 2), out=JJ)
     diag = None
     if need_diag:
         sq = torch.mul(Ut, Ut, out=ws.get("U2", (b, G, P, d)))
         diag = sq.sum(-1)
-    return JJ, diag, None
+    return J.view(b, C, d), diag  # J[c] = sum_p S[c,p] u_p
 
 
 _CLASS_SUM_MAX_BYTES = 256 * 2**20  # the (K, C^2) accumulator of _GaussNewtonSum, at most
 
 
 class _GaussNewtonSum:
-    """``sum_n M_n o JJ_n`` with ``M_n = V^T diag(p_n) V - m_n m_n^T``, ``m_n = V^T p_n``,
+    """``sum_n M_n o JJ_n`` with ``M_n = V^T diag(p_n) V - m_n m_n^T``, ``m_n = V^T p_n`` and
+    ``JJ_n = A_n B_n^T`` (Gram route: ``A = S Q``, ``B = S``; direct route: ``A = B = J``),
     streamed over chunks of samples; :meth:`total` returns the (C, C) float64 sum.
 
-    First part, ``sum_k (v_k v_k^T) o [sum_n p_nk JJ_n]``: the bracket is one GEMM
-    ``p^T (K x b) @ JJ (b x C^2)`` per chunk, accumulated over the whole measurement in a
-    (K, C^2) buffer and scaled by ``v_k v_k^T`` once at the end. Where that buffer would exceed
-    ``max_bytes`` (ImageNet heads: 1000 classes x 512^2), each chunk's product is scaled at
-    once, classes chunked to ``chunk_bytes``.
+    ``JJ`` is formed in tiles of rows, ``JJ[:, rows] = A[:, rows] B^T`` (b, r, C), small enough
+    to stay in cache while they are consumed: the whole (b, C, C) array went to memory and back
+    once per chunk, which made the class sum below as slow as a memory copy of it (C = 256:
+    half a megabyte per sample).
 
-    Second part, ``sum_n (m_n m_n^T) o JJ_n = sum_n (D_n S_n Q_n)(D_n S_n)^T``: either in place
-    on JJ (two scalings and a sum over samples, C^2 per sample, memory-bound), or on the Gram
-    route as one GEMM whose inner dimension runs over samples and positions (C^2 P per sample,
-    compute-bound), whichever the shape makes cheaper (``outer_gemm``).
+    First part, ``sum_k (v_k v_k^T) o [sum_n p_nk JJ_n]``: per tile, the bracket is one GEMM
+    ``p^T (K x b) @ JJ[:, rows] (b x r C)``, accumulated over the whole measurement in a
+    (K, C^2) buffer (tile by tile) and scaled by ``v_k v_k^T`` once at the end. Where that
+    buffer would exceed ``_CLASS_SUM_MAX_BYTES`` (ImageNet heads: 1000 classes x 512^2), each
+    tile's product is scaled at once, classes chunked to ``chunk_bytes``.
+
+    Second part, ``sum_n (m_n m_n^T) o JJ_n = sum_n (D_n S_n Q_n)(D_n S_n)^T``: either on each
+    tile (two scalings and a sum over samples, in cache), or on the Gram route as one GEMM whose
+    inner dimension runs over samples and positions (C^2 P per sample, compute-bound),
+    whichever the shape makes cheaper (``outer_gemm``).
     """
 
     def __init__(self, V: torch.Tensor, acc: torch.dtype, ws: _Workspace, chunk_bytes: int,
@@ -819,30 +938,47 @@ class _GaussNewtonSum:
         K, C = V.shape
         self.V, self.ws, self.chunk_bytes, self.outer_gemm = V, ws, chunk_bytes, outer_gemm
         self.BT = torch.zeros(C, C, dtype=acc, device=V.device)
-        self.R = None
+        self.R: torch.Tensor | None = None
+        self.rows = 0  # rows per tile: fixed at the first chunk, so R's layout stays put
         if K * C * C * acc.itemsize <= _CLASS_SUM_MAX_BYTES:
-            self.R = torch.zeros(K, C * C, dtype=acc, device=V.device)
+            # tile-major: the tile of rows r0:r1 is the (K, (r1 - r0) C) block at K r0 C
+            self.R = torch.zeros(K * C * C, dtype=acc, device=V.device)
 
-    def add(self, JJ: torch.Tensor, p: torch.Tensor, S: torch.Tensor,
+    def _tiles(self, b: int, C: int, esize: int):
+        if not self.rows:
+            self.rows = max(1, min(C, _TILE_BYTES // max(1, b * C * esize)))
+        return [(r0, min(C, r0 + self.rows)) for r0 in range(0, C, self.rows)]
+
+    def add(self, A: torch.Tensor, B: torch.Tensor, p: torch.Tensor, S: torch.Tensor,
             SQ: torch.Tensor | None) -> None:
-        """One chunk: ``JJ`` (b, C, C) is consumed; ``S``, ``SQ`` (b, C, P) for the GEMM."""
-        b, C, _ = JJ.shape
+        """One chunk: ``JJ_n = A_n B_n^T`` with ``A``, ``B`` (b, C, e); ``S``, ``SQ``
+        (b, C, P) for the outer GEMM on the Gram route (None on the direct route)."""
+        b, C, _ = A.shape
         K = p.shape[1]
-        flat = JJ.view(b, C * C)
-        if self.R is not None:
-            if self.R.dtype == flat.dtype:
-                torch.addmm(self.R, p.T, flat, out=self.R)
-            else:
-                self.R += (p.T @ flat).to(self.R.dtype)
-        else:
-            per = max(1, min(K, int(self.chunk_bytes // max(1, C * C * JJ.element_size()))))
-            for k0 in range(0, K, per):
-                ks = slice(k0, min(K, k0 + per))
-                R = self.ws.get("R", (per, C * C))[: ks.stop - ks.start]
-                torch.mm(p[:, ks].T, flat, out=R)
-                self._add_scaled(R, self.V[ks])
         m = p @ self.V  # (b, C)
-        if self.outer_gemm and SQ is not None:
+        in_tiles = not (self.outer_gemm and SQ is not None)
+        Bt = B.transpose(1, 2)
+        for r0, r1 in self._tiles(b, C, A.element_size()):
+            r = r1 - r0
+            JJ = torch.matmul(A[:, r0:r1], Bt, out=self.ws.get("JJ", (b * r * C,)).view(b, r, C))
+            flat = JJ.view(b, r * C)
+            if self.R is not None:
+                Rt = self.R[K * r0 * C:K * r1 * C].view(K, r * C)
+                if Rt.dtype == flat.dtype:
+                    torch.addmm(Rt, p.T, flat, out=Rt)
+                else:
+                    Rt += (p.T @ flat).to(Rt.dtype)
+            else:
+                per = max(1, min(K, int(self.chunk_bytes // max(1, r * C * JJ.element_size()))))
+                for k0 in range(0, K, per):
+                    ks = slice(k0, min(K, k0 + per))
+                    R = self.ws.get("R", (per, r * C))[: ks.stop - ks.start]
+                    torch.mm(p[:, ks].T, flat, out=R)
+                    self._add_scaled(R, self.V[ks], r0, r1)
+            if in_tiles:
+                JJ.mul_(m[:, r0:r1].unsqueeze(2)).mul_(m.unsqueeze(1))
+                self.BT[r0:r1] -= JJ.sum(0).to(self.BT.dtype)
+        if not in_tiles:
             P = S.shape[2]
             # flat buffers: a last, smaller chunk reuses them too
             L = self.ws.get("L", (C * b * P,)).view(C, b, P)
@@ -850,23 +986,31 @@ class _GaussNewtonSum:
             Rt = self.ws.get("Rt", (C * b * P,)).view(C, b, P)
             torch.mul(S.permute(1, 0, 2), m.T.unsqueeze(2), out=Rt)
             self.BT -= (L.view(C, b * P) @ Rt.view(C, b * P).T).to(self.BT.dtype)
-        else:
-            JJ.mul_(m.unsqueeze(2)).mul_(m.unsqueeze(1))
-            self.BT -= JJ.sum(0).to(self.BT.dtype)
 
-    def _add_scaled(self, R: torch.Tensor, Vk: torch.Tensor) -> None:
+    def _add_scaled(self, R: torch.Tensor, Vk: torch.Tensor, r0: int, r1: int) -> None:
+        """``BT[r0:r1] += sum_k (v_k v_k^T)[r0:r1] o R_k`` for R (classes, (r1 - r0) C)."""
         C = Vk.shape[1]
-        R3 = R.view(-1, C, C).mul_(Vk.unsqueeze(2).to(R.dtype)).mul_(Vk.unsqueeze(1).to(R.dtype))
-        self.BT += R3.sum(0).to(self.BT.dtype)
+        Vk = Vk.to(R.dtype)
+        R3 = R.view(-1, r1 - r0, C).mul_(Vk[:, r0:r1].unsqueeze(2)).mul_(Vk.unsqueeze(1))
+        self.BT[r0:r1] += R3.sum(0).to(self.BT.dtype)
 
     def total(self) -> torch.Tensor:
         if self.R is not None:
             K, C = self.V.shape
-            per = max(1, min(K, int(self.chunk_bytes // max(1, C * C * self.R.element_size()))))
-            for k0 in range(0, K, per):
-                self._add_scaled(self.R[k0:k0 + per], self.V[k0:k0 + per])
+            for r0 in range(0, C, self.rows or C):
+                r1 = min(C, r0 + (self.rows or C))
+                Rt = self.R[K * r0 * C:K * r1 * C].view(K, (r1 - r0) * C)
+                per = max(1, min(K, int(self.chunk_bytes // max(1, (r1 - r0) * C * 8))))
+                for k0 in range(0, K, per):
+                    self._add_scaled(Rt[k0:k0 + per], self.V[k0:k0 + per], r0, r1)
             self.R = None
         return self.BT
+
+
+# Bytes of one tile of JJ rows (b, r, C), so that a tile is consumed by the class-sum GEMM
+# while it is still in cache: 4 MiB was the fastest of 1-16 MiB (and of no tiling, 11% slower)
+# for gapcnn-w32-d4 (C = 256) on this project's 2-core CPU (2 MiB L2 per core, 32 MiB L3).
+_TILE_BYTES = 4 * 2**20
 
 
 def _outer_by_gemm(C: int, P: int) -> bool:
@@ -877,12 +1021,16 @@ def _outer_by_gemm(C: int, P: int) -> bool:
 
 
 def _samples_per_chunk(C: int, P: int, d: int, G: int, route: str, esize: int,
-                       chunk_bytes: int) -> int:
-    """Samples whose per-sample arrays (patches, Q or J, S, T, JJ and the head's temporaries)
-    fit in ``chunk_bytes``: small chunks stay in cache and reuse the allocator's memory,
-    which on CPU made the memory-bound steps several times faster than whole batches."""
-    per_sample = G * d * P + C * C + 8 * C * P
-    per_sample += P * P if (route == "gram" and G == 1) else C * d
+                       chunk_bytes: int, phase_entries: int | None = None) -> int:
+    """Samples whose per-sample arrays (patches or the input's phases and their Grams, Q or
+    J, S, T, JJ and the head's temporaries) fit in ``chunk_bytes``: small chunks stay in cache
+    and reuse the allocator's memory, which on CPU made the memory-bound steps several times
+    faster than whole batches."""
+    per_sample = C * C + 8 * C * P
+    if route == "gram" and G == 1:
+        per_sample += P * P + (G * d * P if phase_entries is None else phase_entries)
+    else:
+        per_sample += G * d * P + C * d
     return max(1, int(chunk_bytes // (esize * per_sample)))
 
 
@@ -1050,12 +1198,17 @@ def exact_curvature(
             X, a, externals = _trunk(plan, x)
             B, P = a.shape[0], a[0, 0].numel()
             y = _check_labels(y, B, bi, K, dev)
+            pg = plan.gram(X.shape[2], X.shape[3], a.shape[2], a.shape[3])
             if chosen == "auto":
-                costs = _route_costs(C, P, d)
+                costs = _route_costs(C, P, d, pg.cost(conv.in_channels) if pg else None)
                 chosen = "gram" if costs["gram"] <= costs["direct"] else "direct"
             if plan.groups > 1:
                 chosen = "direct"
-            per = _samples_per_chunk(C, P, d, plan.groups, chosen, esize, budget)
+            if chosen != "gram":
+                pg = None
+            gram_in = plan.input_for_gram(X) if pg is not None else None
+            per = _samples_per_chunk(C, P, d, plan.groups, chosen, esize, budget,
+                                     pg.numel(conv.in_channels) if pg is not None else None)
             if gn is None:
                 gn = _GaussNewtonSum(plan.V, acc, ws, budget, chosen == "gram" and
                                      plan.groups == 1 and _outer_by_gemm(C, P))
@@ -1076,10 +1229,22 @@ def exact_curvature(
                 zs.append(z)
                 gs.append(g)
                 p = torch.softmax(z, dim=1)  # (b, K)
-                JJ, diagQ, SQ = _products(plan.patch_rows(X[sl], ws), S, chosen, ws,
-                                          T is not None)
+                if chosen == "gram" and plan.groups == 1:
+                    if pg is not None:  # patch Gram from the input's stride phases
+                        Q = pg(gram_in[sl], ws)
+                    else:  # patch Gram from the gathered patches
+                        U0 = plan.patch_rows(X[sl], ws)[:, 0]
+                        Q = torch.matmul(U0, U0.transpose(1, 2),
+                                         out=ws.get("Q", (U0.shape[0], P, P)))
+                    SQ = torch.matmul(S, Q, out=ws.get("SQ", S.shape))  # (b, C, P)
+                    diagQ = Q.diagonal(dim1=1, dim2=2).unsqueeze(1)
+                    A, Bm = SQ, S  # JJ_n = S_n Q_n S_n^T
+                else:
+                    A, diagQ = _direct_products(plan.patch_rows(X[sl], ws), S, ws,
+                                                T is not None)
+                    Bm, SQ = A, None  # JJ_n = J_n J_n^T
                 # Gauss-Newton part: M_n o JJ_n with M_n = V^T diag(p_n) V - (V^T p)(V^T p)^T
-                gn.add(JJ, p, S, SQ)
+                gn.add(A, Bm, p, S, SQ)
                 # sigma'' term, diagonal blocks only: q_n[c] sum_p T_n[c,p] Q_n[p,p]
                 if T is not None:
                     G = diagQ.shape[1]
