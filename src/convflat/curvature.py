@@ -34,6 +34,12 @@ and the conv-layer relative flatness (Petzka et al. 2021, neurons -> filters, ar
 ``sigma''`` part: zero almost everywhere for piecewise-linear activations, kept for smooth ones,
 so the result is the exact Hessian trace and not only its Gauss-Newton part.
 
+The patch Gram never needs the patches: two positions of a pair under the same kernel offset
+``o`` differ by a multiple of the stride ``s``, so ``Q_n[p,p'] = sum_o <x_{sp+o}, x_{sp'+o}>``
+is a sum of shifted blocks of the Grams of the input's stride phases (:class:`_PhaseGram`):
+``k_h k_w`` times fewer multiply-adds than ``U_n^T U_n`` at stride 1, 2.25 times fewer for a
+3 x 3 kernel at stride 2, and no im2col copy.
+
 Nothing here is estimated: the numbers equal those of the dense autograd Hessian (tests check
 this to 1e-9 in float64). The trunk runs once per batch without autograd; only the head after
 the conv is differentiated; sums are accumulated in float64 and the data are streamed, so
@@ -934,9 +940,10 @@ class _GaussNewtonSum:
     """
 
     def __init__(self, V: torch.Tensor, acc: torch.dtype, ws: _Workspace, chunk_bytes: int,
-                 outer_gemm: bool):
+                 outer_gemm: bool, tile_bytes: int | None = None):
         K, C = V.shape
         self.V, self.ws, self.chunk_bytes, self.outer_gemm = V, ws, chunk_bytes, outer_gemm
+        self.tile_bytes = tile_bytes  # None: JJ whole (GPUs, where tiles mean many launches)
         self.BT = torch.zeros(C, C, dtype=acc, device=V.device)
         self.R: torch.Tensor | None = None
         self.rows = 0  # rows per tile: fixed at the first chunk, so R's layout stays put
@@ -946,7 +953,8 @@ class _GaussNewtonSum:
 
     def _tiles(self, b: int, C: int, esize: int):
         if not self.rows:
-            self.rows = max(1, min(C, _TILE_BYTES // max(1, b * C * esize)))
+            self.rows = C if self.tile_bytes is None else \
+                max(1, min(C, self.tile_bytes // max(1, b * C * esize)))
         return [(r0, min(C, r0 + self.rows)) for r0 in range(0, C, self.rows)]
 
     def add(self, A: torch.Tensor, B: torch.Tensor, p: torch.Tensor, S: torch.Tensor,
@@ -1007,9 +1015,11 @@ class _GaussNewtonSum:
         return self.BT
 
 
-# Bytes of one tile of JJ rows (b, r, C), so that a tile is consumed by the class-sum GEMM
-# while it is still in cache: 4 MiB was the fastest of 1-16 MiB (and of no tiling, 11% slower)
-# for gapcnn-w32-d4 (C = 256) on this project's 2-core CPU (2 MiB L2 per core, 32 MiB L3).
+# Bytes of one tile of JJ rows (b, r, C) on CPU, so that a tile is consumed by the class-sum
+# GEMM while it is still in cache: 4 MiB was the fastest of 1-16 MiB (and of no tiling, 11%
+# slower) for gapcnn-w32-d4 (C = 256) on this project's 2-core CPU (2 MiB L2 per core, 32 MiB
+# L3). On CUDA JJ is formed whole: tiles would only multiply the kernel launches (not measured:
+# no GPU was lent to this project yet).
 _TILE_BYTES = 4 * 2**20
 
 
@@ -1211,7 +1221,8 @@ def exact_curvature(
                                      pg.numel(conv.in_channels) if pg is not None else None)
             if gn is None:
                 gn = _GaussNewtonSum(plan.V, acc, ws, budget, chosen == "gram" and
-                                     plan.groups == 1 and _outer_by_gemm(C, P))
+                                     plan.groups == 1 and _outer_by_gemm(C, P),
+                                     _TILE_BYTES if dev.type == "cpu" else None)
             whole = None
             if plan.chunk_externals(externals, slice(0, 1), B) is None:
                 whole = _head(plan, a, externals)  # the head needs the whole batch

@@ -24,6 +24,7 @@ import argparse
 import copy
 import gc
 import math
+import os
 import resource
 import statistics
 import sys
@@ -209,6 +210,15 @@ def main(argv=None) -> int:
     print(f"# device: {device} ({name_dev}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, N={args.n}, {args.size}x{args.size}, "
           f"batch {args.batch_size}, median of {args.repeats}")
+    if device.type == "cpu":
+        # On CPU, glibc hands large tensors fresh pages (mmap) unless told otherwise, and the
+        # page faults can cost a plain forward pass more than its arithmetic (2-3x here);
+        # exact_curvature reuses its buffers and pays far less of it, so the setting moves
+        # (b)/(a): say which one this run had.
+        tuned = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+                 if k in os.environ}
+        print("# glibc malloc: " + (", ".join(f"{k}={v}" for k, v in tuned.items())
+                                    if tuned else "defaults (large tensors on fresh pages)"))
     # rows are printed as each model finishes, so a later model that fails (out of memory,
     # say) does not take the earlier rows with it
     print()
