@@ -40,7 +40,8 @@ def test_backpack_oracle_in_sub_batches_matches_the_closed_form():
 def test_bench_prints_one_row_per_model(capsys):
     rc = bench.main(["--models", "gapcnn-w16-d3", "--n", "8", "--batch-size", "4", "--size",
                      "16", "--repeats", "1", "--max-probes", "3",
-                     "--max-hutchinson-seconds", "30", "--backpack-max-gib", "0.001"])
+                     "--max-hutchinson-seconds", "30", "--backpack-max-gib", "0.001",
+                     "--patch-gram"])
     assert rc == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| gapcnn-w16-d3 |")]
@@ -55,3 +56,4 @@ def test_bench_prints_one_row_per_model(capsys):
     assert "sub-batches of" in note
     relerr = float(note.split("BackPACK rel. err. ")[1].split()[0])
     assert relerr < 1e-4
+    assert float(note.split("from patches ")[1].split()[0]) > 0  # the side-by-side ran

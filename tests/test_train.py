@@ -46,7 +46,9 @@ def _same(a, b):
       "dropout": 0.1}, 6),
     ({"family": "resnet", "depth": 8, "width": 4}, 6),
     ({"family": "resnet", "depth": 8, "width": 4, "preact": True, "activation": "silu"}, 6),
-    pytest.param({"family": "torchvision", "arch": "resnet18"}, 2, marks=pytest.mark.slow),
+    # 3 epochs: after 2 it passed 0.8 on the Intel CPU of earlier sessions but reached 0.78 on
+    # an AMD EPYC (the kernels round differently, so the seeded runs part); after 3, 0.90 there
+    pytest.param({"family": "torchvision", "arch": "resnet18"}, 3, marks=pytest.mark.slow),
 ], ids=["gapcnn", "gapcnn-nobn-gelu-dropout", "resnet", "preact-resnet-silu", "tv-resnet18"])
 def test_every_family_learns_digits(tmp_path, digits, spec, epochs):
     cfg = dataclasses.replace(FAST, epochs=epochs)

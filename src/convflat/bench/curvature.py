@@ -12,10 +12,13 @@ For each model, on the same data and device, in one process:
 (d) the exact oracle: BackPACK's ``DiagGGNExact`` summed over the kernel (equal to the trace
     for ReLU heads), one extended backward over the data.
 
-(a), (b) and (b) in float32 run in turn within each repeat; times are medians over
-``--repeats`` and (b)/(a) is the median of the per-repeat ratios, which a shared machine's
-load disturbs far less than the ratio of separately taken medians. Peak memory is the CUDA peak on GPU and the growth of
-the process's max RSS on CPU. Ratios are printed, never asserted.
+(a), (b) and (b) in float32 (and, with ``--patch-gram``, (b) with the patch Gram from
+gathered patches) run in turn within each repeat; times are medians over ``--repeats`` and
+(b)/(a) is the median of the per-repeat ratios, which a shared machine's load disturbs far
+less than the ratio of separately taken medians. Peak memory is the CUDA peak on GPU and the
+growth of the process's max RSS on CPU. On CPU the header says how glibc's malloc was set
+(``MALLOC_MMAP_THRESHOLD_``), which moves the plain forward pass most. Ratios are printed,
+never asserted.
 """
 
 from __future__ import annotations
@@ -141,6 +144,19 @@ def _hutchinson_to_1pct(model, layer_param, batches, exact, device, max_probes, 
             "first_hit": first_hit, "probes_run": len(ests), "per_probe": per_probe}
 
 
+def _with_patch_gram(fn):
+    """Run ``fn`` with the patch Gram formed from gathered patches, ``U U^T`` (what
+    ``exact_curvature`` did before the stride-phase Gram), for the side-by-side timing."""
+    from convflat import curvature
+
+    before = curvature._GRAM_FROM
+    curvature._GRAM_FROM = "patches"
+    try:
+        return fn()
+    finally:
+        curvature._GRAM_FROM = before
+
+
 def _backpack_oracle(model, head, batches, max_bytes):
     """BackPACK's exact GGN diagonal of one kernel, summed: the trace for ReLU heads.
 
@@ -192,6 +208,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-probes", type=int, default=400)
     ap.add_argument("--max-hutchinson-seconds", type=float, default=120.0)
     ap.add_argument("--no-backpack", action="store_true")
+    ap.add_argument("--patch-gram", action="store_true",
+                    help="also time (b) with the patch Gram from gathered patches (U U^T) "
+                         "instead of the input's stride phases, interleaved with the rest; "
+                         "its (b)/(a) is printed under the table")
     ap.add_argument("--backpack-max-gib", type=float, default=4.0,
                     help="largest array BackPACK may form for the conv diagonal (K x b x C x d "
                          "entries); batches are split into sub-batches to stay below it "
@@ -242,12 +262,16 @@ def main(argv=None) -> int:
         with _Peak(device) as pe:
             res = exact_curvature(model, batches, device=device)
         res32 = exact_curvature(model, batches, device=device, dtype=torch.float32)
-        times = _interleaved({
+        fns = {
             "forward": forward,
             "exact": lambda m=model: exact_curvature(m, batches, device=device),
             "exact32": lambda m=model: exact_curvature(m, batches, device=device,
                                                        dtype=torch.float32),
-        }, device, args.repeats)
+        }
+        if args.patch_gram:
+            fns["patches"] = lambda m=model: _with_patch_gram(
+                lambda: exact_curvature(m, batches, device=device))
+        times = _interleaved(fns, device, args.repeats)
         t_fwd, t_ex, t_ex32 = (statistics.median(times[k]) for k in ("forward", "exact",
                                                                       "exact32"))
         hut = _hutchinson_to_1pct(model, head.conv.weight, batches, res.trace, device,
@@ -264,6 +288,10 @@ def main(argv=None) -> int:
             note += f", BackPACK rel. err. {abs(ref - res.trace) / abs(res.trace):.1e}"
             if sub < args.batch_size:
                 note += f" (BackPACK in sub-batches of {sub}, --backpack-max-gib)"
+        if args.patch_gram:
+            note += (f", (b)/(a) with the patch Gram from patches "
+                     f"{_ratio(times, 'patches', 'forward'):.2f} (from the input's phases "
+                     f"{_ratio(times, 'exact', 'forward'):.2f})")
         notes.append(note)
         print(f"  {name}: forward {t_fwd:.3f}s  exact {t_ex:.3f}s  exact(f32) {t_ex32:.3f}s  "
               f"hutchinson {hut['seconds']:.1f}s ({hut['probes']} probes for 1% stderr; "
