@@ -922,40 +922,50 @@ class _GaussNewtonSum:
     ``JJ_n = A_n B_n^T`` (Gram route: ``A = S Q``, ``B = S``; direct route: ``A = B = J``),
     streamed over chunks of samples; :meth:`total` returns the (C, C) float64 sum.
 
-    ``JJ`` is formed in tiles of rows, ``JJ[:, rows] = A[:, rows] B^T`` (b, r, C), small enough
-    to stay in cache while they are consumed: the whole (b, C, C) array went to memory and back
-    once per chunk, which made the class sum below as slow as a memory copy of it (C = 256:
-    half a megabyte per sample).
+    Every term is symmetric in (c, c'), so only the upper triangle is formed, in tiles of rows:
+    tile ``r0:r1`` holds ``JJ[:, r0:r1, r0:] = A[:, r0:r1] B[:, r0:]^T`` (b, r, C - r0). With T
+    tiles that is (T + 1) / 2T of the square (5/8 for four), and a tile is small enough to stay
+    in cache while it is consumed: the whole (b, C, C) array went to memory and back once per
+    chunk, which made the class sum below as slow as a memory copy of it (C = 256: half a
+    megabyte per sample). :meth:`total` mirrors the triangle.
 
     First part, ``sum_k (v_k v_k^T) o [sum_n p_nk JJ_n]``: per tile, the bracket is one GEMM
-    ``p^T (K x b) @ JJ[:, rows] (b x r C)``, accumulated over the whole measurement in a
-    (K, C^2) buffer (tile by tile) and scaled by ``v_k v_k^T`` once at the end. Where that
-    buffer would exceed ``_CLASS_SUM_MAX_BYTES`` (ImageNet heads: 1000 classes x 512^2), each
-    tile's product is scaled at once, classes chunked to ``chunk_bytes``.
+    ``p^T (K x b) @ JJ-tile (b x r (C - r0))``, accumulated over the whole measurement in a
+    buffer of K entries per upper-triangle entry (tile by tile) and scaled by ``v_k v_k^T``
+    once at the end. Where that buffer would exceed ``_CLASS_SUM_MAX_BYTES`` (ImageNet heads:
+    1000 classes x 512^2), each tile's product is scaled at once, classes chunked to
+    ``chunk_bytes``.
 
     Second part, ``sum_n (m_n m_n^T) o JJ_n = sum_n (D_n S_n Q_n)(D_n S_n)^T``: either on each
-    tile (two scalings and a sum over samples, in cache), or on the Gram route as one GEMM whose
-    inner dimension runs over samples and positions (C^2 P per sample, compute-bound),
-    whichever the shape makes cheaper (``outer_gemm``).
+    tile (two scalings and a sum over samples, in cache), or on the Gram route as GEMMs whose
+    inner dimension runs over samples and positions (C^2 P per sample, compute-bound, tile by
+    tile on the same triangle), whichever the shape makes cheaper (``outer_gemm``).
     """
 
     def __init__(self, V: torch.Tensor, acc: torch.dtype, ws: _Workspace, chunk_bytes: int,
                  outer_gemm: bool, tile_bytes: int | None = None):
         K, C = V.shape
         self.V, self.ws, self.chunk_bytes, self.outer_gemm = V, ws, chunk_bytes, outer_gemm
-        self.tile_bytes = tile_bytes  # None: JJ whole (GPUs, where tiles mean many launches)
+        self.tile_bytes = tile_bytes  # None: one tile (GPUs, where tiles mean many launches)
+        self.acc = acc
         self.BT = torch.zeros(C, C, dtype=acc, device=V.device)
         self.R: torch.Tensor | None = None
-        self.rows = 0  # rows per tile: fixed at the first chunk, so R's layout stays put
-        if K * C * C * acc.itemsize <= _CLASS_SUM_MAX_BYTES:
-            # tile-major: the tile of rows r0:r1 is the (K, (r1 - r0) C) block at K r0 C
-            self.R = torch.zeros(K * C * C, dtype=acc, device=V.device)
+        self.tiles: list[tuple[int, int, int]] = []  # (r0, r1, offset in R), fixed at chunk 0
 
-    def _tiles(self, b: int, C: int, esize: int):
-        if not self.rows:
-            self.rows = C if self.tile_bytes is None else \
-                max(1, min(C, self.tile_bytes // max(1, b * C * esize)))
-        return [(r0, min(C, r0 + self.rows)) for r0 in range(0, C, self.rows)]
+    def _make_tiles(self, b: int, C: int, esize: int) -> None:
+        if self.tile_bytes is None:
+            rows = C
+        else:
+            # at least _MIN_TILES tiles (the triangle's saving), rows that fit tile_bytes
+            rows = min(-(-C // _MIN_TILES), max(1, self.tile_bytes // max(1, b * C * esize)))
+        K = self.V.shape[0]
+        off = 0
+        for r0 in range(0, C, rows):
+            r1 = min(C, r0 + rows)
+            self.tiles.append((r0, r1, off))
+            off += K * (r1 - r0) * (C - r0)
+        if off * self.acc.itemsize <= _CLASS_SUM_MAX_BYTES:
+            self.R = torch.zeros(off, dtype=self.acc, device=self.V.device)
 
     def add(self, A: torch.Tensor, B: torch.Tensor, p: torch.Tensor, S: torch.Tensor,
             SQ: torch.Tensor | None) -> None:
@@ -963,29 +973,10 @@ class _GaussNewtonSum:
         (b, C, P) for the outer GEMM on the Gram route (None on the direct route)."""
         b, C, _ = A.shape
         K = p.shape[1]
+        if not self.tiles:
+            self._make_tiles(b, C, A.element_size())
         m = p @ self.V  # (b, C)
         in_tiles = not (self.outer_gemm and SQ is not None)
-        Bt = B.transpose(1, 2)
-        for r0, r1 in self._tiles(b, C, A.element_size()):
-            r = r1 - r0
-            JJ = torch.matmul(A[:, r0:r1], Bt, out=self.ws.get("JJ", (b * r * C,)).view(b, r, C))
-            flat = JJ.view(b, r * C)
-            if self.R is not None:
-                Rt = self.R[K * r0 * C:K * r1 * C].view(K, r * C)
-                if Rt.dtype == flat.dtype:
-                    torch.addmm(Rt, p.T, flat, out=Rt)
-                else:
-                    Rt += (p.T @ flat).to(Rt.dtype)
-            else:
-                per = max(1, min(K, int(self.chunk_bytes // max(1, r * C * JJ.element_size()))))
-                for k0 in range(0, K, per):
-                    ks = slice(k0, min(K, k0 + per))
-                    R = self.ws.get("R", (per, r * C))[: ks.stop - ks.start]
-                    torch.mm(p[:, ks].T, flat, out=R)
-                    self._add_scaled(R, self.V[ks], r0, r1)
-            if in_tiles:
-                JJ.mul_(m[:, r0:r1].unsqueeze(2)).mul_(m.unsqueeze(1))
-                self.BT[r0:r1] -= JJ.sum(0).to(self.BT.dtype)
         if not in_tiles:
             P = S.shape[2]
             # flat buffers: a last, smaller chunk reuses them too
@@ -993,27 +984,57 @@ class _GaussNewtonSum:
             torch.mul(SQ.permute(1, 0, 2), m.T.unsqueeze(2), out=L)
             Rt = self.ws.get("Rt", (C * b * P,)).view(C, b, P)
             torch.mul(S.permute(1, 0, 2), m.T.unsqueeze(2), out=Rt)
-            self.BT -= (L.view(C, b * P) @ Rt.view(C, b * P).T).to(self.BT.dtype)
+            L, Rt = L.view(C, b * P), Rt.view(C, b * P)
+        for r0, r1, off in self.tiles:
+            r, w = r1 - r0, C - r0
+            JJ = torch.matmul(A[:, r0:r1], B[:, r0:].transpose(1, 2),
+                              out=self.ws.get("JJ", (b * r * w,)).view(b, r, w))
+            flat = JJ.view(b, r * w)
+            if self.R is not None:
+                Rk = self.R[off:off + K * r * w].view(K, r * w)
+                if Rk.dtype == flat.dtype:
+                    torch.addmm(Rk, p.T, flat, out=Rk)
+                else:
+                    Rk += (p.T @ flat).to(Rk.dtype)
+            else:
+                per = max(1, min(K, int(self.chunk_bytes // max(1, r * w * JJ.element_size()))))
+                for k0 in range(0, K, per):
+                    ks = slice(k0, min(K, k0 + per))
+                    R = self.ws.get("R", (per * r * w,))[:(ks.stop - ks.start) * r * w]
+                    torch.mm(p[:, ks].T, flat, out=R.view(-1, r * w))
+                    self._add_scaled(R, self.V[ks], r0, r1)
+            if in_tiles:
+                JJ.mul_(m[:, r0:r1].unsqueeze(2)).mul_(m[:, r0:].unsqueeze(1))
+                self.BT[r0:r1, r0:] -= JJ.sum(0).to(self.BT.dtype)
+            else:
+                self.BT[r0:r1, r0:] -= (L[r0:r1] @ Rt[r0:].T).to(self.BT.dtype)
 
     def _add_scaled(self, R: torch.Tensor, Vk: torch.Tensor, r0: int, r1: int) -> None:
-        """``BT[r0:r1] += sum_k (v_k v_k^T)[r0:r1] o R_k`` for R (classes, (r1 - r0) C)."""
+        """``BT[r0:r1, r0:] += sum_k (v_k v_k^T)[r0:r1, r0:] o R_k``, R (classes, r1 - r0,
+        C - r0) in any flat form."""
         C = Vk.shape[1]
         Vk = Vk.to(R.dtype)
-        R3 = R.view(-1, r1 - r0, C).mul_(Vk[:, r0:r1].unsqueeze(2)).mul_(Vk.unsqueeze(1))
-        self.BT[r0:r1] += R3.sum(0).to(self.BT.dtype)
+        R3 = R.view(-1, r1 - r0, C - r0).mul_(Vk[:, r0:r1].unsqueeze(2))
+        R3.mul_(Vk[:, r0:].unsqueeze(1))
+        self.BT[r0:r1, r0:] += R3.sum(0).to(self.BT.dtype)
 
     def total(self) -> torch.Tensor:
-        if self.R is not None:
-            K, C = self.V.shape
-            for r0 in range(0, C, self.rows or C):
-                r1 = min(C, r0 + (self.rows or C))
-                Rt = self.R[K * r0 * C:K * r1 * C].view(K, (r1 - r0) * C)
-                per = max(1, min(K, int(self.chunk_bytes // max(1, (r1 - r0) * C * 8))))
+        K, C = self.V.shape
+        for r0, r1, off in self.tiles:
+            if self.R is not None:
+                r, w = r1 - r0, C - r0
+                Rk = self.R[off:off + K * r * w].view(K, r * w)
+                per = max(1, min(K, int(self.chunk_bytes // max(1, r * w * 8))))
                 for k0 in range(0, K, per):
-                    self._add_scaled(Rt[k0:k0 + per], self.V[k0:k0 + per], r0, r1)
-            self.R = None
+                    self._add_scaled(Rk[k0:k0 + per], self.V[k0:k0 + per], r0, r1)
+            # the lower triangle right of the diagonal block is the mirror of the upper one
+            self.BT[r1:, r0:r1] = self.BT[r0:r1, r1:].T
+        self.R = None
         return self.BT
 
+
+# Tiles of the upper triangle at the least (when C allows): four give 5/8 of the square.
+_MIN_TILES = 4
 
 # Bytes of one tile of JJ rows (b, r, C) on CPU, so that a tile is consumed by the class-sum
 # GEMM while it is still in cache: 4 MiB was the fastest of 1-16 MiB (and of no tiling, 11%
