@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from convflat.curvature import OutOfClassError, exact_curvature, find_head, head_batch
 from convflat.reference import (
+    Case,
     SmallGapNet,
     architecture_suite,
     autograd_kernel_hessian,
@@ -125,18 +126,23 @@ def test_chunks_of_one_sample_match_dense_autograd_hessian(case):
                                    atol=1e-12 * float(ref["block_traces"].abs().max()))
 
 
+@pytest.mark.parametrize("tiles", ["one row each", "as on CUDA"])
 @pytest.mark.parametrize("outer_gemm", [True, False])
 @pytest.mark.parametrize("class_sum", ["accumulated", "per chunk"])
-def test_gauss_newton_sum_strategies_match_dense_autograd(monkeypatch, outer_gemm, class_sum):
-    """Both ways of the ``m m^T`` term and both ways of the class sum, on JJ formed one row
-    of filters at a time, give the exact blocks."""
+def test_gauss_newton_sum_strategies_match_dense_autograd(monkeypatch, outer_gemm, class_sum,
+                                                          tiles):
+    """Both ways of the ``m m^T`` term and both ways of the class sum, on the upper triangle
+    of JJ formed one row of filters at a time or in the few tiles used on CUDA (no byte
+    budget), give the exact blocks."""
     from convflat import curvature
 
     monkeypatch.setattr(curvature, "_outer_by_gemm", lambda C, P: outer_gemm)
-    monkeypatch.setattr(curvature, "_TILE_BYTES", 1)  # JJ one row of filters at a time
+    monkeypatch.setattr(curvature, "_TILE_BYTES", 1 if tiles == "one row each" else None)
     if class_sum == "per chunk":
         monkeypatch.setattr(curvature, "_CLASS_SUM_MAX_BYTES", 0)
-    case = next(c for c in SUITE if c.name == "relu, K=10, no bias")
+    # 7 filters: four tiles of 2, 2, 2 and 1 rows in the CUDA layout
+    case = Case("relu, K=10, no bias, 7 filters",
+                {"act": "relu", "classes": 10, "bias": False, "filters": 7}, n=13)
     model, x, y = build_case(case, seed=6)
     H = autograd_kernel_hessian(model, "last", x, y)
     ref = dense_measures(H, model.last.weight.detach())

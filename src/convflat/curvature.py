@@ -946,18 +946,17 @@ class _GaussNewtonSum:
                  outer_gemm: bool, tile_bytes: int | None = None):
         K, C = V.shape
         self.V, self.ws, self.chunk_bytes, self.outer_gemm = V, ws, chunk_bytes, outer_gemm
-        self.tile_bytes = tile_bytes  # None: one tile (GPUs, where tiles mean many launches)
+        self.tile_bytes = tile_bytes  # None: only the _MIN_TILES tiles (GPUs: few launches)
         self.acc = acc
         self.BT = torch.zeros(C, C, dtype=acc, device=V.device)
         self.R: torch.Tensor | None = None
         self.tiles: list[tuple[int, int, int]] = []  # (r0, r1, offset in R), fixed at chunk 0
 
     def _make_tiles(self, b: int, C: int, esize: int) -> None:
-        if self.tile_bytes is None:
-            rows = C
-        else:
-            # at least _MIN_TILES tiles (the triangle's saving), rows that fit tile_bytes
-            rows = min(-(-C // _MIN_TILES), max(1, self.tile_bytes // max(1, b * C * esize)))
+        # at least _MIN_TILES tiles (the triangle's saving); on CPU rows that fit tile_bytes
+        rows = -(-C // _MIN_TILES)
+        if self.tile_bytes is not None:
+            rows = min(rows, max(1, self.tile_bytes // max(1, b * C * esize)))
         K = self.V.shape[0]
         off = 0
         for r0 in range(0, C, rows):
@@ -1038,9 +1037,10 @@ _MIN_TILES = 4
 
 # Bytes of one tile of JJ rows (b, r, C) on CPU, so that a tile is consumed by the class-sum
 # GEMM while it is still in cache: 4 MiB was the fastest of 1-16 MiB (and of no tiling, 11%
-# slower) for gapcnn-w32-d4 (C = 256) on this project's 2-core CPU (2 MiB L2 per core, 32 MiB
-# L3). On CUDA JJ is formed whole: tiles would only multiply the kernel launches (not measured:
-# no GPU was lent to this project yet).
+# slower; square tiles then, before the triangle) for gapcnn-w32-d4 (C = 256) on this
+# project's 2-core CPU (2 MiB L2 per core, 32 MiB L3). On CUDA there are only the _MIN_TILES
+# tiles of the triangle: more would only multiply the kernel launches (not measured: no GPU
+# was lent to this project yet).
 _TILE_BYTES = 4 * 2**20
 
 
