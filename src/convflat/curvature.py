@@ -944,7 +944,7 @@ class _GaussNewtonSum:
 
     def __init__(self, V: torch.Tensor, acc: torch.dtype, ws: _Workspace, chunk_bytes: int,
                  outer_gemm: bool, tile_bytes: int | None = None):
-        K, C = V.shape
+        C = V.shape[1]
         self.V, self.ws, self.chunk_bytes, self.outer_gemm = V, ws, chunk_bytes, outer_gemm
         self.tile_bytes = tile_bytes  # None: only the _MIN_TILES tiles (GPUs: few launches)
         self.acc = acc
