@@ -57,3 +57,11 @@ def test_bench_prints_one_row_per_model(capsys):
     relerr = float(note.split("BackPACK rel. err. ")[1].split()[0])
     assert relerr < 1e-4
     assert float(note.split("from patches ")[1].split()[0]) > 0  # the side-by-side ran
+
+
+def test_patch_gram_side_by_side_switches_the_gram_and_restores_it():
+    from convflat import curvature
+
+    seen = bench._with_patch_gram(lambda: curvature._GRAM_FROM)
+    assert seen == "patches"
+    assert curvature._GRAM_FROM == "auto"

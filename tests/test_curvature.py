@@ -42,11 +42,23 @@ def test_matches_dense_autograd_hessian(case, monkeypatch):
     H = autograd_kernel_hessian(model, "last", x, y)
     ref = dense_measures(H, model.last.weight.detach())
     blocks = ref["block_traces"]
+    calls = []  # which patch Gram ran: the forced one must be the one measured
+    for cls in (curvature._PhaseGram, curvature._GatheredGram):
+        orig = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, _o=orig, _c=cls:
+                            calls.append(_c) or _o(self, *a))
+    grouped = model.last.groups > 1
     for route, gram_from in [("auto", "auto"), ("gram", "phases"), ("gram", "patches"),
                              ("direct", "auto")]:
         monkeypatch.setattr(curvature, "_GRAM_FROM", gram_from)
+        calls.clear()
         res = exact_curvature(model, (x, y), layer="last", device="cpu", batch_size=3,
                               route=route)
+        expect = {"phases": {curvature._PhaseGram}, "patches": {curvature._GatheredGram}}
+        if route == "gram" and not grouped:
+            assert set(calls) == expect[gram_from], (route, gram_from)
+        if route == "direct" or grouped:
+            assert not calls and res.route == "direct"
         assert res.n_samples == x.shape[0]
         assert rel(res.trace, ref["trace"]) <= 1e-9, (route, gram_from)
         assert rel(res.relative_flatness, ref["relative_flatness"]) <= 1e-9, (route, gram_from)
@@ -92,8 +104,8 @@ def test_phase_gram_equals_gram_of_unfolded_patches(geom, monkeypatch):
     plan = _Plan(net, find_head(net), torch.device("cpu"), torch.float64)
     Ho, Wo = conv(X).shape[2:]
     pg = plan.gram(hw[0], hw[1], Ho, Wo)
-    assert pg is not None
-    Q = pg(plan.input_for_gram(X), _Workspace(torch.device("cpu"), torch.float64))
+    assert isinstance(pg, curvature._PhaseGram)
+    Q = pg(pg.prepare(X), _Workspace(torch.device("cpu"), torch.float64))
     # reference: pad as the conv does (F.pad for the non-zero modes), then unfold
     if isinstance(padding, str) or mode != "zeros":
         Xp = F.pad(X, conv._reversed_padding_repeated_twice,

@@ -508,43 +508,41 @@ class _Plan:
         else:
             ph, pw = conv.padding
             pads = (pw, pw, ph, ph)
+        self.pads = pads  # (left, right, top, bottom), as F.pad takes them
         self.explicit_pad = None
         self.padding = conv.padding if not isinstance(conv.padding, str) else (0, 0)
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             self.explicit_pad = (pads, mode)
             self.padding = (0, 0)
-        # the phase Gram needs the zero padding only as an offset (top, left); other padding
-        # modes are applied to X first, so their padded entries take part in the Grams
-        self.zero_pads_tl = (pads[2], pads[0]) if conv.padding_mode == "zeros" else None
-        self._grams: dict[tuple[int, int, int, int], Any] = {}
+        self._grams: dict[tuple[int, int, int, int], _PhaseGram | _GatheredGram] = {}
 
-    def gram(self, H: int, W: int, Ho: int, Wo: int) -> _PhaseGram | None:
-        """How to form the patch Gram for an (H, W) input and an (Ho, Wo) output: a
-        :class:`_PhaseGram` when that is cheaper than ``U U^T`` from gathered patches (or when
-        ``_GRAM_FROM`` says so), else None (patches)."""
+    def gram(self, H: int, W: int, Ho: int, Wo: int) -> _PhaseGram | _GatheredGram | None:
+        """How the Gram route forms the patch Gram for an (H, W) input and an (Ho, Wo)
+        output: from the input's stride phases (:class:`_PhaseGram`) or as ``U U^T`` from
+        gathered patches (:class:`_GatheredGram`), whichever costs fewer operations (or what
+        ``_GRAM_FROM`` says); None for grouped convs, which take the direct route."""
+        if self.groups > 1:
+            return None
         key = (H, W, Ho, Wo)
         if key not in self._grams:
             conv = self.head.conv
-            if self.zero_pads_tl is None:  # padded explicitly: the padded input is "real"
-                pads, _ = self.explicit_pad
-                H, W, tl = H + pads[2] + pads[3], W + pads[0] + pads[1], (0, 0)
+            # zero padding ("same" included) is only an offset of the phases; other modes are
+            # applied to X first, and their padded entries take part in the Grams
+            pad_first = self.explicit_pad if conv.padding_mode != "zeros" else None
+            left, right, top, bottom = self.pads
+            if pad_first is None:
+                tl = (top, left)
             else:
-                tl = self.zero_pads_tl
-            pg = _PhaseGram(conv.kernel_size, conv.stride, conv.dilation, tl, H, W, Ho, Wo)
-            d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-            patch_cost = Ho * Wo * (Ho * Wo * d + d)  # U U^T and the gather
+                H, W, tl = H + top + bottom, W + left + right, (0, 0)
+            phases = _PhaseGram(conv.kernel_size, conv.stride, conv.dilation, tl, H, W, Ho, Wo,
+                                pad_first)
+            gathered = _GatheredGram(self, Ho * Wo)
+            c_in = conv.in_channels
             use = {"phases": True, "patches": False}.get(
-                _GRAM_FROM, pg.cost(conv.in_channels) <= patch_cost)
-            self._grams[key] = pg if (use and self.groups == 1) else None
+                _GRAM_FROM, phases.cost(c_in) <= gathered.cost(c_in))
+            self._grams[key] = phases if use else gathered
         return self._grams[key]
-
-    def input_for_gram(self, X: torch.Tensor) -> torch.Tensor:
-        """X as the phase Gram reads it: padded explicitly unless the padding is zeros."""
-        if self.zero_pads_tl is None:
-            pads, mode = self.explicit_pad
-            X = F.pad(X, pads, mode=mode)
-        return X
 
     def chunk_externals(self, externals: list[Any], sl: slice, B: int) -> list[Any] | None:
         """The externals for the samples ``sl`` of a batch of ``B``, or None when the head
@@ -605,6 +603,33 @@ class _Plan:
 _GRAM_FROM = "auto"
 
 
+class _GatheredGram:
+    """The patch Gram as ``U U^T`` from the gathered patch rows (:meth:`_Plan.patch_rows`),
+    with the interface of :class:`_PhaseGram`."""
+
+    def __init__(self, plan: _Plan, P: int):
+        self.plan, self.P = plan, P
+        kh, kw = plan.head.conv.kernel_size
+        self.k = kh * kw
+
+    def cost(self, c_in: int) -> int:
+        """Multiply-adds of ``U U^T`` plus the gather, per sample."""
+        d = c_in * self.k
+        return self.P * (self.P * d + d)
+
+    def numel(self, c_in: int) -> int:
+        """Workspace entries per sample (the patch rows)."""
+        return self.P * c_in * self.k
+
+    def prepare(self, X: torch.Tensor) -> torch.Tensor:
+        return X  # patch_rows pads as it gathers
+
+    def __call__(self, X: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+        U0 = self.plan.patch_rows(X, ws)[:, 0]  # (b, P, d)
+        return torch.matmul(U0, U0.transpose(1, 2), out=ws.get("Q", (U0.shape[0], self.P,
+                                                                      self.P)))
+
+
 class _PhaseGram:
     r"""The patch Gram ``Q_n[p,p'] = <u_{n,p}, u_{n,p'}>`` from Grams of the input itself.
 
@@ -628,10 +653,12 @@ class _PhaseGram:
     3 x 3. No library forms a patch Gram this way, hence the hand-written shifts.
     """
 
-    def __init__(self, kernel, stride, dilation, pads_tl, H: int, W: int, Ho: int, Wo: int):
+    def __init__(self, kernel, stride, dilation, pads_tl, H: int, W: int, Ho: int, Wo: int,
+                 pad_first: tuple | None = None):
         (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
         top, left = pads_tl
         self.Ho, self.Wo = Ho, Wo
+        self.pad_first = pad_first  # (pads, mode) applied to X by prepare(), or None
 
         def axis(phase, s, pad, n_in, n_out, shifts):
             """Real input indices of one phase (start, count, index of the first in the
@@ -672,8 +699,15 @@ class _PhaseGram:
         """Workspace entries per sample (input phases and their Grams)."""
         return sum(nr * nc * (c_in + nr * nc) for (_, nr, _), (_, nc, _), _ in self.phases)
 
+    def prepare(self, X: torch.Tensor) -> torch.Tensor:
+        """X as the phases are read from it: padded first unless the padding is zeros."""
+        if self.pad_first is not None:
+            pads, mode = self.pad_first
+            X = F.pad(X, pads, mode=mode)
+        return X
+
     def __call__(self, X: torch.Tensor, ws: _Workspace) -> torch.Tensor:
-        """``Q`` (b, P, P) in the workspace's dtype from the (padded if needed) input X."""
+        """``Q`` (b, P, P) in the workspace's dtype from the prepared input X."""
         b, c_in = X.shape[:2]
         P = self.Ho * self.Wo
         Q = ws.get("Q", (b, P, P))
@@ -891,11 +925,11 @@ def head_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def _route_costs(C: int, P: int, d: int, gram_cost: int | None = None) -> dict[str, int]:
+def _route_costs(C: int, P: int, d: int, gram_cost: int) -> dict[str, int]:
     """Multiply-adds per sample for the block traces (MATH.md section 5); ``gram_cost`` is
-    what the patch Gram costs when it comes from the input's phases (else ``P^2 d``)."""
-    q = P * P * d if gram_cost is None else gram_cost
-    return {"direct": C * P * d + C * C * d, "gram": q + C * P * P + C * C * P}
+    what the patch Gram costs (``P^2 d`` from gathered patches, less from the input's
+    phases)."""
+    return {"direct": C * P * d + C * C * d, "gram": gram_cost + C * P * P + C * C * P}
 
 
 def _direct_products(Ut: torch.Tensor, S: torch.Tensor, ws: _Workspace, need_diag: bool
@@ -996,7 +1030,7 @@ class _GaussNewtonSum:
                 else:
                     Rk += (p.T @ flat).to(Rk.dtype)
             else:
-                per = max(1, min(K, int(self.chunk_bytes // max(1, r * w * JJ.element_size()))))
+                per = self._classes_per_pass(r * w, JJ.element_size())
                 for k0 in range(0, K, per):
                     ks = slice(k0, min(K, k0 + per))
                     R = self.ws.get("R", (per * r * w,))[:(ks.stop - ks.start) * r * w]
@@ -1007,6 +1041,10 @@ class _GaussNewtonSum:
                 self.BT[r0:r1, r0:] -= JJ.sum(0).to(self.BT.dtype)
             else:
                 self.BT[r0:r1, r0:] -= (L[r0:r1] @ Rt[r0:].T).to(self.BT.dtype)
+
+    def _classes_per_pass(self, entries: int, esize: int) -> int:
+        """Classes whose (entries,) products fit in ``chunk_bytes`` together."""
+        return max(1, min(self.V.shape[0], int(self.chunk_bytes // max(1, entries * esize))))
 
     def _add_scaled(self, R: torch.Tensor, Vk: torch.Tensor, r0: int, r1: int) -> None:
         """``BT[r0:r1, r0:] += sum_k (v_k v_k^T)[r0:r1, r0:] o R_k``, R (classes, r1 - r0,
@@ -1023,7 +1061,7 @@ class _GaussNewtonSum:
             if self.R is not None:
                 r, w = r1 - r0, C - r0
                 Rk = self.R[off:off + K * r * w].view(K, r * w)
-                per = max(1, min(K, int(self.chunk_bytes // max(1, r * w * 8))))
+                per = self._classes_per_pass(r * w, self.R.element_size())
                 for k0 in range(0, K, per):
                     self._add_scaled(Rk[k0:k0 + per], self.V[k0:k0 + per], r0, r1)
             # the lower triangle right of the diagonal block is the mirror of the upper one
@@ -1051,15 +1089,16 @@ def _outer_by_gemm(C: int, P: int) -> bool:
     return C * C * P / 8 + 4 * C * P < 3 * C * C
 
 
-def _samples_per_chunk(C: int, P: int, d: int, G: int, route: str, esize: int,
-                       chunk_bytes: int, phase_entries: int | None = None) -> int:
+def _samples_per_chunk(C: int, P: int, d: int, G: int, esize: int, chunk_bytes: int,
+                       gram_entries: int | None) -> int:
     """Samples whose per-sample arrays (patches or the input's phases and their Grams, Q or
     J, S, T, JJ and the head's temporaries) fit in ``chunk_bytes``: small chunks stay in cache
     and reuse the allocator's memory, which on CPU made the memory-bound steps several times
-    faster than whole batches."""
+    faster than whole batches. ``gram_entries``: what the patch Gram's source takes per
+    sample on the Gram route (None: direct route)."""
     per_sample = C * C + 8 * C * P
-    if route == "gram" and G == 1:
-        per_sample += P * P + (G * d * P if phase_entries is None else phase_entries)
+    if gram_entries is not None:
+        per_sample += P * P + gram_entries
     else:
         per_sample += G * d * P + C * d
     return max(1, int(chunk_bytes // (esize * per_sample)))
@@ -1229,20 +1268,21 @@ def exact_curvature(
             X, a, externals = _trunk(plan, x)
             B, P = a.shape[0], a[0, 0].numel()
             y = _check_labels(y, B, bi, K, dev)
-            pg = plan.gram(X.shape[2], X.shape[3], a.shape[2], a.shape[3])
+            gram = plan.gram(X.shape[2], X.shape[3], a.shape[2], a.shape[3])
             if chosen == "auto":
-                costs = _route_costs(C, P, d, pg.cost(conv.in_channels) if pg else None)
+                q_cost = gram.cost(conv.in_channels) if gram is not None else P * P * d
+                costs = _route_costs(C, P, d, q_cost)
                 chosen = "gram" if costs["gram"] <= costs["direct"] else "direct"
-            if plan.groups > 1:
+            if gram is None:  # grouped convs
                 chosen = "direct"
             if chosen != "gram":
-                pg = None
-            gram_in = plan.input_for_gram(X) if pg is not None else None
-            per = _samples_per_chunk(C, P, d, plan.groups, chosen, esize, budget,
-                                     pg.numel(conv.in_channels) if pg is not None else None)
+                gram = None
+            gram_in = gram.prepare(X) if gram is not None else None
+            per = _samples_per_chunk(C, P, d, plan.groups, esize, budget,
+                                     gram.numel(conv.in_channels) if gram is not None else None)
             if gn is None:
-                gn = _GaussNewtonSum(plan.V, acc, ws, budget, chosen == "gram" and
-                                     plan.groups == 1 and _outer_by_gemm(C, P),
+                gn = _GaussNewtonSum(plan.V, acc, ws, budget,
+                                     gram is not None and _outer_by_gemm(C, P),
                                      _TILE_BYTES if dev.type == "cpu" else None)
             whole = None
             if plan.chunk_externals(externals, slice(0, 1), B) is None:
@@ -1261,13 +1301,8 @@ def exact_curvature(
                 zs.append(z)
                 gs.append(g)
                 p = torch.softmax(z, dim=1)  # (b, K)
-                if chosen == "gram" and plan.groups == 1:
-                    if pg is not None:  # patch Gram from the input's stride phases
-                        Q = pg(gram_in[sl], ws)
-                    else:  # patch Gram from the gathered patches
-                        U0 = plan.patch_rows(X[sl], ws)[:, 0]
-                        Q = torch.matmul(U0, U0.transpose(1, 2),
-                                         out=ws.get("Q", (U0.shape[0], P, P)))
+                if gram is not None:
+                    Q = gram(gram_in[sl], ws)  # (b, P, P)
                     SQ = torch.matmul(S, Q, out=ws.get("SQ", S.shape))  # (b, C, P)
                     diagQ = Q.diagonal(dim1=1, dim2=2).unsqueeze(1)
                     A, Bm = SQ, S  # JJ_n = S_n Q_n S_n^T
