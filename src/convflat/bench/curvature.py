@@ -17,8 +17,8 @@ gathered patches) run in turn within each repeat; times are medians over ``--rep
 (b)/(a) is the median of the per-repeat ratios, which a shared machine's load disturbs far
 less than the ratio of separately taken medians. Peak memory is the CUDA peak on GPU and the
 growth of the process's max RSS on CPU. On CPU the header says how glibc's malloc was set
-(``MALLOC_MMAP_THRESHOLD_``), which moves the plain forward pass most. Ratios are printed,
-never asserted.
+(``MALLOC_MMAP_THRESHOLD_``), which moves the plain forward pass most, and the notes give the
+median minor page faults of one pass of (a) and of (b). Ratios are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -42,19 +42,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _interleaved(fns, device, repeats):
+def _interleaved(fns, device, repeats, faults=None):
     """Times of each function, run in turn within every repeat (a, b, c, a, b, c, ...), so
     that the load of a shared machine hits all of them alike; per-repeat ratios to the first
-    function are what the table reports (their median)."""
+    function are what the table reports (their median). If ``faults`` is a dict, it receives
+    each function's minor page faults per call (the process's ``ru_minflt``)."""
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             gc.collect()
             _sync(device)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             fn()
             _sync(device)
             times[k].append(time.perf_counter() - t0)
+            if faults is not None:
+                faults.setdefault(k, []).append(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return times
 
 
@@ -271,7 +276,8 @@ def main(argv=None) -> int:
         if args.patch_gram:
             fns["patches"] = lambda m=model: _with_patch_gram(
                 lambda: exact_curvature(m, batches, device=device))
-        times = _interleaved(fns, device, args.repeats)
+        faults: dict[str, list[int]] = {}
+        times = _interleaved(fns, device, args.repeats, faults)
         t_fwd, t_ex, t_ex32 = (statistics.median(times[k]) for k in ("forward", "exact",
                                                                       "exact32"))
         hut = _hutchinson_to_1pct(model, head.conv.weight, batches, res.trace, device,
@@ -288,6 +294,10 @@ def main(argv=None) -> int:
             note += f", BackPACK rel. err. {abs(ref - res.trace) / abs(res.trace):.1e}"
             if sub < args.batch_size:
                 note += f" (BackPACK in sub-batches of {sub}, --backpack-max-gib)"
+        if device.type == "cpu":
+            note += (f", minor page faults per pass: forward "
+                     f"{statistics.median(faults['forward']):.0f}, exact "
+                     f"{statistics.median(faults['exact']):.0f}")
         if args.patch_gram:
             note += (f", (b)/(a) with the patch Gram from patches "
                      f"{_ratio(times, 'patches', 'forward'):.2f} (from the input's phases "
