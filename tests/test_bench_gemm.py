@@ -7,8 +7,8 @@ from convflat.bench import gemm
 
 def test_gemm_bench_prints_a_rate_per_shape_and_dtype(capsys):
     assert gemm.main(["--shapes", "4x3x5,2x2x2", "--batch", "3", "--repeats", "2"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 x")
-            or line.startswith("| 2 x")]
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| 4 x", "| 2 x"))]
     assert len(rows) == 2
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
