@@ -226,7 +226,7 @@ def test_killed_training_resumes(tmp_path):
     run_dir = tmp_path / "results/runs/tiny/width~4"
     args = [*SNAKEMAKE, target, "--directory", str(tmp_path), "--cores", "1",
             "--configfile", str(configfile)]
-    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 (closed below)
+    log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240

@@ -20,7 +20,7 @@ def start(snakemake) -> logging.Logger:
     if snakemake.log:
         path = Path(str(snakemake.log[0]))
         path.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(path, "w", buffering=1)  # noqa: SIM115 (lives as long as the process)
+        stream = open(path, "w", buffering=1)
         sys.stdout = sys.stderr = stream
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, force=True,

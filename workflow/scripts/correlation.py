@@ -8,13 +8,17 @@ Several runs tables (the overall analysis) are stacked with ``study`` as one mor
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import start  # noqa: E402
+from _common import start
 
 log = start(snakemake)  # noqa: F821
 from pathlib import Path  # noqa: E402
 
-from convflat.analysis import combine_runs, correlation_table, read_runs  # noqa: E402
-from convflat.analysis import write_correlation_table  # noqa: E402
+from convflat.analysis import (  # noqa: E402
+    combine_runs,
+    correlation_table,
+    read_runs,
+    write_correlation_table,
+)
 
 sm = snakemake  # noqa: F821
 cfg = sm.params.analysis

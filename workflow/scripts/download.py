@@ -5,7 +5,7 @@ says which file to put where; a file put there by hand is verified and used as i
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import Timer, error_text, start  # noqa: E402
+from _common import Timer, error_text, start
 
 log = start(snakemake)  # noqa: F821
 source = snakemake.wildcards.source  # noqa: F821

@@ -3,7 +3,7 @@
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import start  # noqa: E402
+from _common import start
 
 log = start(snakemake)  # noqa: F821
 from pathlib import Path  # noqa: E402

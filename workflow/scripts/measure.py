@@ -9,7 +9,7 @@ checkpoint, bad data) is recorded here as status "failed". Never raises: the stu
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import Timer, error_text, log_exception, start  # noqa: E402
+from _common import Timer, error_text, log_exception, start
 
 log = start(snakemake)  # noqa: F821
 import json  # noqa: E402

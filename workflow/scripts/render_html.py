@@ -1,7 +1,7 @@
 """Rule notebook_html: an executed notebook -> one self-contained HTML file (images inlined)."""
 
-import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
+import logging
+from pathlib import Path
 
 sm = snakemake  # noqa: F821
 log_path = Path(str(sm.log[0]))

@@ -10,7 +10,7 @@ papermill's ``-p name value`` pairs, passed through its Python API.
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import start  # noqa: E402
+from _common import start
 
 log = start(snakemake)  # noqa: F821
 import json  # noqa: E402

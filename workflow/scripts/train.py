@@ -12,7 +12,7 @@ run (the config changed since) is set aside and the run starts again.
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import Timer, error_text, log_exception, start  # noqa: E402
+from _common import Timer, error_text, log_exception, start
 
 log = start(snakemake)  # noqa: F821
 import json  # noqa: E402

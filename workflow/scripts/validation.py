@@ -16,7 +16,7 @@ The last three use one trained model of the study named by config key validation
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import Timer, markdown_table, start  # noqa: E402
+from _common import Timer, markdown_table, start
 
 log = start(snakemake)  # noqa: F821
 import json  # noqa: E402

@@ -87,7 +87,7 @@ class Measure:
         start = ctx.tic()
         try:
             out = self.func(sub, **run_params)
-        except Exception as exc:  # noqa: BLE001 (a failing measure is recorded; others run)
+        except Exception as exc:
             entry.update(
                 status="failed",
                 error=f"{type(exc).__name__}: {exc}",
