@@ -26,7 +26,7 @@ def test_backpack_oracle_in_sub_batches_matches_the_closed_form():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 3, 8, 8, generator=g)
     y = torch.randint(0, 3, (7,), generator=g)
-    batches = list(zip(x.split(5), y.split(5)))
+    batches = list(zip(x.split(5), y.split(5), strict=True))
     exact = exact_curvature(model, (x, y), device="cpu").trace
     per_sample = 3 * head.conv.weight.numel() * 4  # K x C x d float32 entries
     whole, sub_whole = bench._backpack_oracle(model, head, batches, 2**40)
@@ -59,9 +59,27 @@ def test_bench_prints_one_row_per_model(capsys):
     assert float(note.split("from patches ")[1].split()[0]) > 0  # the side-by-side ran
 
 
-def test_patch_gram_side_by_side_switches_the_gram_and_restores_it():
-    from convflat import curvature
+def test_patch_gram_side_by_side_runs_the_gathered_gram_and_leaves_the_default(monkeypatch):
+    """--patch-gram's run forms the patch Gram from gathered patches, the plain run from the
+    input's stride phases (the cheaper here), and neither changes the other: the switch is an
+    option of the call, not module state."""
+    from convflat.curvature.gram import _GatheredGram, _PhaseGram
 
-    seen = bench._with_patch_gram(lambda: curvature._GRAM_FROM)
-    assert seen == "patches"
-    assert curvature._GRAM_FROM == "auto"
+    calls = []  # observe which patch Gram runs; change nothing
+    for cls in (_PhaseGram, _GatheredGram):
+        orig = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, _o=orig, _c=cls:
+                            calls.append(_c) or _o(self, *a))
+    _, model = next(bench._models(["gapcnn-w16-d3"], 3, 3))  # the Gram route at 16 x 16
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    batches = [(x, torch.tensor([0, 1, 2]))]
+    runs = bench._exact_runs(model, batches, torch.device("cpu"), patch_gram=True)
+    assert set(runs) == {"exact", "exact32", "patches"}
+    results = {}
+    for name in ("patches", "exact", "patches"):
+        calls.clear()
+        results[name] = runs[name]()
+        assert set(calls) == {_GatheredGram if name == "patches" else _PhaseGram}, name
+    assert results["patches"].trace == pytest.approx(results["exact"].trace, rel=1e-12)
+    assert set(bench._exact_runs(model, batches, torch.device("cpu"), False)) == {
+        "exact", "exact32"}

@@ -1,5 +1,6 @@
 """The closed form against independent references: the dense autograd Hessian in float64,
-BackPACK's exact GGN diagonal at torchvision scale, and the invariances of MATH.md section 4."""
+BackPACK's exact GGN diagonal at torchvision scale, and the invariances of docs/math.md
+Eq. (11)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from convflat.curvature import OutOfClassError, exact_curvature, find_head, head_batch
+from convflat.curvature import (
+    CurvatureOptions,
+    OutOfClassError,
+    exact_curvature,
+    find_head,
+    head_batch,
+)
+from convflat.curvature.contract import _GaussNewtonSum
+from convflat.curvature.gram import _GatheredGram, _PhaseGram
+from convflat.curvature.plan import _Plan, _Workspace
 from convflat.reference import (
     Case,
     SmallGapNet,
@@ -33,8 +43,6 @@ def rel(a, b):
 def test_matches_dense_autograd_hessian(case, monkeypatch):
     """Every route against the dense Hessian: the automatic choice, the patch Gram from the
     input's stride phases and from gathered patches, and the direct route."""
-    from convflat import curvature
-
     assert len(SUITE) >= 20
     model, x, y = build_case(case, seed=1)
     # batch size 3 does not divide the sample counts (7, 11, 13)
@@ -43,18 +51,17 @@ def test_matches_dense_autograd_hessian(case, monkeypatch):
     ref = dense_measures(H, model.last.weight.detach())
     blocks = ref["block_traces"]
     calls = []  # which patch Gram ran: the forced one must be the one measured
-    for cls in (curvature._PhaseGram, curvature._GatheredGram):
+    for cls in (_PhaseGram, _GatheredGram):  # observe the calls, change nothing
         orig = cls.__call__
         monkeypatch.setattr(cls, "__call__", lambda self, *a, _o=orig, _c=cls:
                             calls.append(_c) or _o(self, *a))
     grouped = model.last.groups > 1
     for route, gram_from in [("auto", "auto"), ("gram", "phases"), ("gram", "patches"),
                              ("direct", "auto")]:
-        monkeypatch.setattr(curvature, "_GRAM_FROM", gram_from)
         calls.clear()
         res = exact_curvature(model, (x, y), layer="last", device="cpu", batch_size=3,
-                              route=route)
-        expect = {"phases": {curvature._PhaseGram}, "patches": {curvature._GatheredGram}}
+                              route=route, options=CurvatureOptions(gram_from=gram_from))
+        expect = {"phases": {_PhaseGram}, "patches": {_GatheredGram}}
         if route == "gram" and not grouped:
             assert set(calls) == expect[gram_from], (route, gram_from)
         if route == "direct" or grouped:
@@ -85,14 +92,9 @@ GEOMETRIES = [
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
-def test_phase_gram_equals_gram_of_unfolded_patches(geom, monkeypatch):
+def test_phase_gram_equals_gram_of_unfolded_patches(geom):
     """The patch Gram from the input's stride phases against U^T U from ``F.unfold`` (torch's
     own im2col, which orders patches like ``W.view(C, -1)``), float64."""
-    from convflat import curvature
-    from convflat.curvature import _Plan, _Workspace, find_head
-
-    monkeypatch.setattr(curvature, "_GRAM_FROM", "phases")  # also where patches are cheaper
-
     kernel, stride, dilation, padding, mode, hw = geom
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, kernel, stride=stride, dilation=dilation,
@@ -101,10 +103,12 @@ def test_phase_gram_equals_gram_of_unfolded_patches(geom, monkeypatch):
     net = net.double()
     conv = net[0]
     X = torch.randn(5, 3, *hw, dtype=torch.float64)
-    plan = _Plan(net, find_head(net), torch.device("cpu"), torch.float64)
+    # the phases also where gathered patches would be cheaper
+    plan = _Plan(net, find_head(net), torch.device("cpu"), torch.float64,
+                 CurvatureOptions(gram_from="phases"))
     Ho, Wo = conv(X).shape[2:]
     pg = plan.gram(hw[0], hw[1], Ho, Wo)
-    assert isinstance(pg, curvature._PhaseGram)
+    assert isinstance(pg, _PhaseGram)
     Q = pg(pg.prepare(X), _Workspace(torch.device("cpu"), torch.float64))
     # reference: pad as the conv does (F.pad for the non-zero modes), then unfold
     if isinstance(padding, str) or mode != "zeros":
@@ -145,13 +149,18 @@ def test_gauss_newton_sum_strategies_match_dense_autograd(monkeypatch, outer_gem
                                                           tiles):
     """Both ways of the ``m m^T`` term and both ways of the class sum, on the upper triangle
     of JJ formed one row of filters at a time or in the few tiles used on CUDA (no byte
-    budget), give the exact blocks."""
-    from convflat import curvature
+    budget), give the exact blocks; the options really select them."""
+    options = CurvatureOptions(
+        outer_by_gemm=outer_gemm, tile_bytes=1 if tiles == "one row each" else None,
+        class_sum_max_bytes=0 if class_sum == "per chunk" else 256 * 2**20)
+    seen = []  # (tiles, accumulated, outer GEMM) of every sum that ran: observation only
+    orig = _GaussNewtonSum.add
 
-    monkeypatch.setattr(curvature, "_outer_by_gemm", lambda C, P: outer_gemm)
-    monkeypatch.setattr(curvature, "_TILE_BYTES", 1 if tiles == "one row each" else None)
-    if class_sum == "per chunk":
-        monkeypatch.setattr(curvature, "_CLASS_SUM_MAX_BYTES", 0)
+    def add(self, *args):
+        orig(self, *args)
+        seen.append((len(self.tiles), self.R is not None, self.outer_gemm))
+
+    monkeypatch.setattr(_GaussNewtonSum, "add", add)
     # 7 filters: four tiles of 2, 2, 2 and 1 rows in the CUDA layout
     case = Case("relu, K=10, no bias, 7 filters",
                 {"act": "relu", "classes": 10, "bias": False, "filters": 7}, n=13)
@@ -159,15 +168,35 @@ def test_gauss_newton_sum_strategies_match_dense_autograd(monkeypatch, outer_gem
     H = autograd_kernel_hessian(model, "last", x, y)
     ref = dense_measures(H, model.last.weight.detach())
     res = exact_curvature(model, (x, y), layer="last", device="cpu", batch_size=4,
-                          route="gram", chunk_bytes=20000)
+                          route="gram", chunk_bytes=20000, options=options)
+    expect = (7 if tiles == "one row each" else 4, class_sum == "accumulated", outer_gemm)
+    assert seen and set(seen) == {expect}
     assert rel(res.trace, ref["trace"]) <= 1e-9
     torch.testing.assert_close(res.block_traces, ref["block_traces"], rtol=1e-9,
                                atol=1e-12 * float(ref["block_traces"].abs().max()))
     # float32 products, float64 sums: float32 rounding, nothing more
     r32 = exact_curvature(model.float(), (x.float(), y), layer="last", device="cpu",
-                          batch_size=4, route="gram", chunk_bytes=20000, dtype=torch.float32)
+                          batch_size=4, route="gram", chunk_bytes=20000, dtype=torch.float32,
+                          options=options)
     assert rel(r32.trace, ref["trace"]) <= 1e-5
     assert rel(r32.relative_flatness, ref["relative_flatness"]) <= 1e-5
+
+
+def test_options_are_checked_and_default_to_the_documented_values():
+    assert CurvatureOptions() == CurvatureOptions(
+        gram_from="auto", tile_bytes=4 * 2**20, min_tiles=4, class_sum_max_bytes=256 * 2**20,
+        outer_by_gemm=None)
+    for bad in ({"gram_from": "unfold"}, {"tile_bytes": 0}, {"min_tiles": 0},
+                {"class_sum_max_bytes": -1}, {"outer_by_gemm": "yes"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            CurvatureOptions(**bad)
+    # options change how, not what: one tile, patches, in-tile outer term agree with defaults
+    model, x, y = build_case(SUITE[2], seed=3)
+    a = exact_curvature(model, (x, y), device="cpu", route="gram")
+    b = exact_curvature(model, (x, y), device="cpu", route="gram", options=CurvatureOptions(
+        gram_from="patches", min_tiles=1, tile_bytes=None, outer_by_gemm=False))
+    assert rel(b.trace, a.trace) < 1e-12
+    assert rel(b.relative_flatness, a.relative_flatness) < 1e-12
 
 
 class _SizeInHead(nn.Module):

@@ -104,6 +104,7 @@ class SmallGapNet(nn.Module):
         self.fc = nn.Linear(filters, classes)
 
     def forward(self, x):
+        """Logits of the batch ``x``."""
         h = self.act0(self.stem(x))
         if self.residual is not None:
             r = self.residual(h)

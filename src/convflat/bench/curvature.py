@@ -64,7 +64,7 @@ def _interleaved(fns, device, repeats, faults=None):
 
 
 def _ratio(times, key, base):
-    return statistics.median(a / b for a, b in zip(times[key], times[base]))
+    return statistics.median(a / b for a, b in zip(times[key], times[base], strict=True))
 
 
 def _timed(fn, device, repeats):
@@ -149,17 +149,21 @@ def _hutchinson_to_1pct(model, layer_param, batches, exact, device, max_probes, 
             "first_hit": first_hit, "probes_run": len(ests), "per_probe": per_probe}
 
 
-def _with_patch_gram(fn):
-    """Run ``fn`` with the patch Gram formed from gathered patches, ``U U^T`` (what
-    ``exact_curvature`` did before the stride-phase Gram), for the side-by-side timing."""
-    from convflat import curvature
+def _exact_runs(model, batches, device, patch_gram):
+    """The timed runs of the closed form: (b) ``exact``, (b) with float32 products
+    ``exact32`` and, if ``patch_gram``, (b) with the patch Gram formed from gathered patches,
+    ``U U^T`` (what ``exact_curvature`` did before the stride-phase Gram), ``patches``."""
+    from convflat.curvature import CurvatureOptions, exact_curvature
 
-    before = curvature._GRAM_FROM
-    curvature._GRAM_FROM = "patches"
-    try:
-        return fn()
-    finally:
-        curvature._GRAM_FROM = before
+    runs = {
+        "exact": lambda: exact_curvature(model, batches, device=device),
+        "exact32": lambda: exact_curvature(model, batches, device=device, dtype=torch.float32),
+    }
+    if patch_gram:
+        gathered = CurvatureOptions(gram_from="patches")
+        runs["patches"] = lambda: exact_curvature(model, batches, device=device,
+                                                  options=gathered)
+    return runs
 
 
 def _backpack_oracle(model, head, batches, max_bytes):
@@ -186,11 +190,12 @@ def _backpack_oracle(model, head, batches, max_bytes):
         raise SystemExit(f"BackPACK's converted model has no weight for layer {layer!r}")
     lossf = extend(nn.CrossEntropyLoss())  # BackPACK needs the loss module's own output
     n = sum(int(y.shape[0]) for _, y in batches)
-    per_sample = head.linear.out_features * target.numel() * target.element_size()  # K x (C x d) entries
+    # K x (C x d) entries per sample
+    per_sample = head.linear.out_features * target.numel() * target.element_size()
     sub = max(1, int(max_bytes // per_sample))
     total = 0.0
     for xb, yb in batches:
-        for x, y in zip(xb.split(sub), yb.split(sub)):
+        for x, y in zip(xb.split(sub), yb.split(sub), strict=True):
             ext.zero_grad()
             loss = lossf(ext(x), y)
             with backpack(DiagGGNExact()):
@@ -201,6 +206,7 @@ def _backpack_oracle(model, head, batches, max_bytes):
 
 
 def main(argv=None) -> int:
+    """Run the comparison with the command-line arguments ``argv``; prints the table."""
     ap = argparse.ArgumentParser(prog="python -m convflat.bench curvature", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18-cifar,gapcnn-w32-d4,gapcnn-w16-d3")
@@ -230,14 +236,14 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.n, 3, args.size, args.size, generator=g).to(device)
     y = torch.randint(0, args.classes, (args.n,), generator=g).to(device)
-    batches = list(zip(x.split(args.batch_size), y.split(args.batch_size)))
+    batches = list(zip(x.split(args.batch_size), y.split(args.batch_size), strict=True))
     name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# device: {device} ({name_dev}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, N={args.n}, {args.size}x{args.size}, "
           f"batch {args.batch_size}, median of {args.repeats}")
     if device.type == "cpu":
         # On CPU, glibc hands large tensors fresh pages (mmap) unless told otherwise, and the
-        # page faults can cost a plain forward pass more than its arithmetic (2-3x here);
+        # page faults can cost a plain forward pass more than its arithmetic;
         # exact_curvature reuses its buffers and pays far less of it, so the setting moves
         # (b)/(a): say which one this run had.
         tuned = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -267,15 +273,7 @@ def main(argv=None) -> int:
         with _Peak(device) as pe:
             res = exact_curvature(model, batches, device=device)
         res32 = exact_curvature(model, batches, device=device, dtype=torch.float32)
-        fns = {
-            "forward": forward,
-            "exact": lambda m=model: exact_curvature(m, batches, device=device),
-            "exact32": lambda m=model: exact_curvature(m, batches, device=device,
-                                                       dtype=torch.float32),
-        }
-        if args.patch_gram:
-            fns["patches"] = lambda m=model: _with_patch_gram(
-                lambda: exact_curvature(m, batches, device=device))
+        fns = {"forward": forward, **_exact_runs(model, batches, device, args.patch_gram)}
         faults: dict[str, list[int]] = {}
         times = _interleaved(fns, device, args.repeats, faults)
         t_fwd, t_ex, t_ex32 = (statistics.median(times[k]) for k in ("forward", "exact",

@@ -19,6 +19,7 @@ import torch
 
 
 def main(argv=None) -> int:
+    """Run the GEMM rates with the command-line arguments ``argv``; prints the table."""
     ap = argparse.ArgumentParser(prog="python -m convflat.bench gemm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="64x32x64,64x64x64,16x512x16,256x16x256",

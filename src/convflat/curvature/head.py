@@ -1,0 +1,432 @@
+r"""Head detection: is the chosen conv in the class that the closed form measures exactly?
+
+The class is that of docs/math.md Eq. (1): after the conv, ``a = <w_c, u_p> + beta_c``, only
+ops that act channel by channel and position by position (eval BatchNorm, elementwise
+activations, dropout, a residual add or scaling by a tensor that does not depend on the
+kernel), then global average pooling and one ``nn.Linear`` whose logits are the model's
+output. Then ``g_{n,c}`` depends on the kernel only through its own filter ``w_c``, the head's
+Hessian in ``a`` is diagonal, and ``S_n``, ``T_n`` of Eq. (3) come out of backward passes.
+
+The check is structural: the forward is traced with ``torch.fx`` and every node downstream of
+the conv is classified (:func:`_classify`) and walked through a small state machine
+(``_TRANSITIONS``; what is refused, and why, is ``_REFUSALS``).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+
+class OutOfClassError(ValueError):
+    """The model is not a CNN whose chosen conv feeds GAP and one linear layer through
+    channel-wise, position-wise ops; the message names the op that breaks the class."""
+
+
+# Elementwise (channel-wise and position-wise) modules allowed between the conv and the GAP.
+# Each output element depends on exactly one input element, so the head is separable and its
+# Hessian in ``a`` is diagonal. Eval-mode BatchNorm is a per-channel affine map.
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish,
+    nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU,
+    nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
+    nn.BatchNorm2d,
+)
+# Piecewise-linear ones: their second derivative vanishes almost everywhere, so the sigma''
+# pass can be skipped (T = 0).
+_PIECEWISE_LINEAR_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU, nn.Identity, nn.Dropout,
+    nn.Dropout2d, nn.AlphaDropout, nn.BatchNorm2d,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu: True, torch.relu: True, F.relu6: True, F.leaky_relu: True, F.hardtanh: True,
+    F.dropout: True, F.dropout2d: True, F.gelu: False, F.silu: False, F.elu: False,
+    F.selu: False, F.celu: False, F.mish: False, F.softplus: False, torch.sigmoid: False,
+    F.sigmoid: False, torch.tanh: False, F.tanh: False, F.hardswish: False,
+    F.hardsigmoid: False,
+}  # function -> piecewise linear?
+_ELEMENTWISE_METHODS = {
+    "relu": True, "relu_": True, "sigmoid": False, "sigmoid_": False, "tanh": False,
+    "tanh_": False, "contiguous": True, "clone": True,
+}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub}
+_ADD_METHODS = {"add", "add_", "sub", "sub_"}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
+_MUL_METHODS = {"mul", "mul_", "div", "div_"}
+_FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
+_FLATTEN_METHODS = {"flatten", "view", "reshape", "squeeze"}
+_SHAPE_METHODS = {"size", "dim"}
+
+# The walk from the conv to the output. States: "spatial" (between the conv and the GAP),
+# "pooled" (after the GAP), "logits" (the single Linear's output, which must be the model's
+# output). An op of kind k applied to a tensor in state s keeps the path in the class exactly
+# when (s, k) is a key here; the value is the state of the op's output.
+_TRANSITIONS: dict[tuple[str | None, str], str] = {
+    ("spatial", "elementwise"): "spatial",
+    ("spatial", "elementwise_or_flatten"): "spatial",  # dropout, identity
+    ("spatial", "add"): "spatial",  # residual add of a tensor that does not depend on the conv
+    ("spatial", "mul"): "spatial",  # scaling by such a tensor
+    ("spatial", "gap"): "pooled",
+    ("pooled", "flatten"): "pooled",
+    ("pooled", "elementwise_or_flatten"): "pooled",  # dropout, identity on the features
+    ("pooled", "linear"): "logits",
+}
+
+# Why any other op is refused: the first row whose state and kind match (None: any) gives the
+# reason. ``{linear}`` is the classifier's name.
+_REFUSALS: tuple[tuple[str | None, str | None, str], ...] = (
+    (None, "combines",
+     "combines two tensors that both depend on the conv (filters or positions are mixed, as "
+     "in squeeze-and-excitation or a second branch)"),
+    (None, "batch_stats_norm",
+     "normalizes with the statistics of the batch even in eval mode (BatchNorm without "
+     "running statistics), so one sample's loss depends on the others"),
+    ("logits", None,
+     "follows nn.Linear '{linear}' on the pooled features: exactly one nn.Linear must lead "
+     "straight to the model's output (an MLP head, or squeeze-and-excitation gating the "
+     "features, is not in the class)"),
+    ("spatial", "operand_right", "has the conv output on the right-hand side of a '-' or '/'"),
+    (None, "conv", "is a second convolution after the chosen one"),
+    (None, "functional_linear", "is a functional linear layer (use nn.Linear)"),
+    (None, "linear", "is applied before global average pooling"),
+    ("pooled", None, "is applied to the pooled features (an MLP head is not in the class)"),
+    (None, None, "mixes positions or channels before global average pooling"),
+)
+
+
+def _refusal(state: str | None, kind: str) -> str:
+    """The reason of the first row of ``_REFUSALS`` that matches ``(state, kind)``."""
+    for s, k, why in _REFUSALS:
+        if s in (None, state) and k in (None, kind):
+            return why
+    raise AssertionError("the last row of _REFUSALS matches everything")
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} module '{node.target}'"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"function '{name}' (node '{node.name}')"
+    if node.op == "call_method":
+        return f"method '.{node.target}()' (node '{node.name}')"
+    return f"{node.op} '{node.name}'"
+
+
+def _is_one(size) -> bool:
+    if isinstance(size, int):
+        return size == 1
+    return isinstance(size, (tuple, list)) and all(s == 1 for s in size)
+
+
+def _is_gap(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Global average pooling over H and W: AdaptiveAvgPool2d(1), adaptive_avg_pool2d(x, 1),
+    or a mean over dims (2, 3)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, nn.AdaptiveAvgPool2d) and _is_one(mod.output_size)
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return _is_one(size)
+    is_mean = (node.op == "call_function" and node.target is torch.mean) or (
+        node.op == "call_method" and node.target == "mean"
+    )
+    if is_mean:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dim, (tuple, list)):
+            return sorted(d % 4 for d in dim) == [2, 3]
+    return False
+
+
+@dataclass
+class Head:
+    """The chosen convolution and the classifier it feeds (see :func:`find_head`)."""
+
+    conv_name: str
+    conv: nn.Conv2d
+    linear_name: str
+    linear: nn.Linear
+    piecewise_linear: bool  # True when sigma'' vanishes a.e. on the head (ReLU-like only)
+    ops: list[str] = field(default_factory=list)  # the ops between conv and classifier
+    # fx plumbing (internal): the traced model, the conv node, region and external inputs
+    _gm: fx.GraphModule | None = field(default=None, repr=False)
+    _conv_node: fx.Node | None = field(default=None, repr=False)
+    _region: list[fx.Node] = field(default_factory=list, repr=False)
+    _externals: list[fx.Node] = field(default_factory=list, repr=False)
+    _feature_node: fx.Node | None = field(default=None, repr=False)
+    _linear_node: fx.Node | None = field(default=None, repr=False)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types; all mean "cannot verify the head"
+        raise OutOfClassError(
+            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
+            f"{exc}); convflat traces the forward to verify that the conv feeds global average "
+            "pooling and one linear layer, so the forward must be traceable (no data-dependent "
+            "Python control flow)"
+        ) from exc
+
+
+def _classify_module(mod: nn.Module) -> tuple[str, bool]:
+    """``(kind, piecewise_linear)`` of a module applied to the conv-dependent tensor."""
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is None:
+        return "batch_stats_norm", True
+    if isinstance(mod, _ELEMENTWISE_MODULES):
+        # dropout and identity also pass pooled features through unchanged
+        flat = isinstance(mod, (nn.Dropout, nn.Identity))
+        return ("elementwise_or_flatten" if flat else "elementwise",
+                isinstance(mod, _PIECEWISE_LINEAR_MODULES))
+    if isinstance(mod, nn.Flatten):
+        return "flatten", True
+    if isinstance(mod, nn.Linear):
+        return "linear", True
+    if isinstance(mod, nn.Conv2d):
+        return "conv", True
+    return "other", True
+
+
+def _classify_function(tgt: Any, right: bool) -> tuple[str, bool]:
+    """``(kind, piecewise_linear)`` of a function; ``right``: the conv-dependent tensor is not
+    its first argument."""
+    if tgt in _ELEMENTWISE_FUNCTIONS:
+        return ("elementwise_or_flatten" if tgt is F.dropout else "elementwise",
+                _ELEMENTWISE_FUNCTIONS[tgt])
+    if tgt in _ADD_FUNCTIONS:
+        return ("operand_right" if right and tgt in (operator.sub, operator.isub)
+                else "add"), True
+    if tgt in _MUL_FUNCTIONS:
+        return ("operand_right" if right and tgt in (operator.truediv, torch.div)
+                else "mul"), True
+    if tgt in _FLATTEN_FUNCTIONS:
+        return "flatten", True
+    if tgt is F.linear:
+        return "functional_linear", True
+    if tgt is F.conv2d:
+        return "conv", True
+    return "other", True
+
+
+def _classify_method(tgt: str, right: bool) -> tuple[str, bool]:
+    """``(kind, piecewise_linear)`` of a tensor method (``right`` as for functions)."""
+    if tgt in _ELEMENTWISE_METHODS:
+        return "elementwise", _ELEMENTWISE_METHODS[tgt]
+    if tgt in _ADD_METHODS | _MUL_METHODS:
+        if right and tgt.startswith(("sub", "div")):
+            return "operand_right", True
+        return ("add" if tgt in _ADD_METHODS else "mul"), True
+    if tgt in _FLATTEN_METHODS:
+        return "flatten", True
+    return "other", True
+
+
+def _classify(node: fx.Node, gm: fx.GraphModule, deps: list[fx.Node]) -> tuple[str, bool]:
+    """What a node that consumes the conv-dependent tensors ``deps`` does, whatever its form
+    (module, function or method): ``(kind, piecewise_linear)`` with kind one of elementwise,
+    elementwise_or_flatten (dropout, identity), add, mul, operand_right (``x - a`` or
+    ``x / a``), gap, flatten, linear, functional_linear, conv, combines (two conv-dependent
+    inputs), batch_stats_norm (BatchNorm without running statistics), other."""
+    if len(deps) > 1:
+        return "combines", True
+    if _is_gap(node, gm):
+        return "gap", True
+    # keyword-only arguments count as the right-hand side: '-' and '/' are then refused
+    right = not node.args or node.args[0] is not deps[0]
+    if node.op == "call_module":
+        return _classify_module(gm.get_submodule(node.target))
+    if node.op == "call_function":
+        return _classify_function(node.target, right)
+    if node.op == "call_method":
+        return _classify_method(node.target, right)
+    return "other", True
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.size(0)``, ``x.dim()``, ``getattr(x, "shape")``: no dependence on the values."""
+    return (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
+        node.op == "call_function" and node.target is getattr
+    )
+
+
+@dataclass
+class _Walk:
+    """What the walk from the conv to the output found (see :func:`_walk`)."""
+
+    region: list[fx.Node] = field(default_factory=list)  # nodes after the conv, in order
+    ops: list[str] = field(default_factory=list)
+    piecewise: bool = True
+    linear_node: fx.Node | None = None
+
+
+def _walk(gm: fx.GraphModule, conv_node: fx.Node) -> _Walk:
+    """Walk every node downstream of ``conv_node`` through ``_TRANSITIONS``; the first op
+    that has none is refused with its ``_REFUSALS`` reason. Shape queries are allowed
+    anywhere and carry no dependence; arithmetic on shapes stays in the region."""
+    state: dict[fx.Node, str] = {conv_node: "spatial"}
+    shape_nodes: set[fx.Node] = set()
+    walk = _Walk()
+    for node in gm.graph.nodes:
+        if node is conv_node or node.op in ("placeholder", "get_attr"):
+            continue
+        inputs = node.all_input_nodes
+        deps = [n for n in inputs if n in state]
+        if node.op == "output":
+            if deps and (walk.linear_node is None or node.args[0] is not walk.linear_node):
+                raise _refuse(gm, conv_node, deps[0],
+                              "reaches the model's output without passing a global average "
+                              "pool and one nn.Linear (or the output is not the classifier's "
+                              "logits alone)")
+            continue
+        if not deps:
+            if node.op in ("call_function", "call_method") and any(
+                    n in shape_nodes for n in inputs):
+                shape_nodes.add(node)  # arithmetic on shapes
+                walk.region.append(node)
+            continue
+        walk.region.append(node)
+        if _is_shape_query(node):
+            shape_nodes.add(node)
+            continue
+        src_state = state[deps[0]] if len(deps) == 1 else None
+        kind, piecewise = _classify(node, gm, deps)
+        nxt = _TRANSITIONS.get((src_state, kind))
+        if nxt is None:
+            linear = walk.linear_node.target if walk.linear_node is not None else None
+            raise _refuse(gm, conv_node, node,
+                          _refusal(src_state, kind).format(linear=linear))
+        state[node] = nxt
+        walk.piecewise &= piecewise
+        walk.ops.append(_describe(node, gm))
+        if nxt == "logits":
+            walk.linear_node = node
+    return walk
+
+
+def _refuse(gm: fx.GraphModule, conv_node: fx.Node, node: fx.Node, why: str
+            ) -> OutOfClassError:
+    return OutOfClassError(
+        f"conv layer '{conv_node.target}' is not in the class measured exactly: "
+        f"{_describe(node, gm)} {why}. The chosen conv must feed global average pooling "
+        "and one nn.Linear through channel-wise, position-wise ops only (eval BatchNorm, "
+        "elementwise activations, dropout, residual add of a tensor that does not depend "
+        "on the kernel, flatten). Pass layer= to choose another conv."
+    )
+
+
+def _check_head(gm: fx.GraphModule, conv_node: fx.Node) -> Head:
+    """Verify that every op downstream of ``conv_node`` keeps the closed form exact, and
+    collect the head: its nodes and the tensors it reads from outside (the externals, such as
+    a residual branch)."""
+    walk = _walk(gm, conv_node)
+    linear_node = walk.linear_node
+    if linear_node is None:
+        raise OutOfClassError(
+            f"conv layer '{conv_node.target}' does not reach a global average pool followed "
+            "by one nn.Linear that produces the model's output"
+        )
+    externals: list[fx.Node] = []
+    region_set = set(walk.region)
+    for node in walk.region:
+        for inp in node.all_input_nodes:
+            if inp is conv_node or inp in region_set or inp.op == "get_attr":
+                continue
+            if inp not in externals:
+                externals.append(inp)
+    return Head(
+        conv_name=str(conv_node.target),
+        conv=gm.get_submodule(conv_node.target),
+        linear_name=str(linear_node.target),
+        linear=gm.get_submodule(linear_node.target),
+        piecewise_linear=walk.piecewise,
+        ops=walk.ops,
+        _gm=gm,
+        _conv_node=conv_node,
+        _region=walk.region,
+        _externals=externals,
+        _feature_node=linear_node.args[0],
+        _linear_node=linear_node,
+    )
+
+
+def _depths(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    depth: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        ins = node.all_input_nodes
+        depth[node] = 1 + max((depth[i] for i in ins), default=-1)
+    return depth
+
+
+def _named_conv(gm: fx.GraphModule, model: nn.Module, conv_nodes: list[fx.Node],
+                layer: str) -> fx.Node:
+    """The one call of the conv module ``layer``."""
+    names = dict(model.named_modules())
+    if layer not in names:
+        raise OutOfClassError(f"layer={layer!r} is not a module of {type(model).__name__}")
+    if not isinstance(names[layer], nn.Conv2d):
+        raise OutOfClassError(
+            f"layer={layer!r} is a {type(names[layer]).__name__}, not an nn.Conv2d"
+        )
+    chosen = [n for n in conv_nodes if n.target == layer]
+    if not chosen:
+        raise OutOfClassError(f"layer={layer!r} is never called in the forward pass")
+    if len(chosen) > 1:
+        raise OutOfClassError(f"layer={layer!r} is called more than once in the forward")
+    return chosen[0]
+
+
+def find_head(model: nn.Module, example_input: Any = None, *, layer: str | None = None) -> Head:
+    """Find the conv whose output feeds global average pooling and one linear classifier.
+
+    Without ``layer``, every ``nn.Conv2d`` is checked and, among those in the class
+    (docs/math.md Eq. (1)), the one deepest in the graph (longest path from the input; ties
+    go to the later one) is chosen: that is the main-branch conv of a final residual block,
+    not a parallel shortcut conv. A conv module called more than once (its kernel shared
+    between calls) is skipped.
+
+    Args:
+        model: the network; its forward must be traceable by ``torch.fx`` (no data-dependent
+            Python control flow).
+        example_input: accepted for API symmetry and ignored: the check is structural (a
+            torch.fx trace), so no data are needed.
+        layer: the name of the conv to measure instead (as in ``model.named_modules()``).
+
+    Returns:
+        The :class:`Head`: the conv and its name, the classifier and its name, whether the
+        head is piecewise linear (sigma'' = 0 a.e., so the Hessian is its Gauss-Newton part),
+        and the ops between the conv and the classifier.
+
+    Raises:
+        OutOfClassError: the model cannot be traced; ``layer`` is not a conv called exactly
+            once; no conv is in the class. The message names the op that breaks the class
+            (for the deepest conv when ``layer`` is not given).
+    """
+    del example_input
+    gm = _trace(model)
+    conv_nodes = [
+        n for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)
+    ]
+    if layer is not None:
+        return _check_head(gm, _named_conv(gm, model, conv_nodes, layer))
+    if not conv_nodes:
+        raise OutOfClassError(f"{type(model).__name__} has no nn.Conv2d called in its forward")
+    depth = _depths(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ranked = sorted(conv_nodes, key=lambda n: (depth[n], order[n]), reverse=True)
+    first_error: OutOfClassError | None = None
+    for node in ranked:
+        if sum(1 for n in conv_nodes if n.target == node.target) > 1:
+            continue  # a conv module called twice shares its kernel between calls
+        try:
+            return _check_head(gm, node)
+        except OutOfClassError as exc:
+            if first_error is None:
+                first_error = exc
+    assert first_error is not None
+    raise first_error
