@@ -55,12 +55,12 @@ def perturbed(params: Sequence[nn.Parameter], deltas: Sequence[torch.Tensor]) ->
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
-            for p, d in zip(params, deltas):
+            for p, d in zip(params, deltas, strict=True):
                 p.add_(d.to(dtype=p.dtype, device=p.device))
         yield
     finally:
         with torch.no_grad():
-            for p, s in zip(params, saved):
+            for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
 
 
@@ -124,6 +124,7 @@ class Context:
         self._subsets: dict[int, Context] = {}
         self._used: dict[Any, float] | None = None
         self._computed: set[Any] = set()
+        self.fold = None  # the FoldResult of a context made by folded(), else None
 
     # ------------------------------------------------------------------ parameters and data
 
@@ -132,6 +133,7 @@ class Context:
         return [(n, p) for n, p in (model or self.model).named_parameters() if p.requires_grad]
 
     def params(self, model: nn.Module | None = None) -> list[nn.Parameter]:
+        """The tensors of :meth:`named_params`, in the same order."""
         return [p for _, p in self.named_params(model)]
 
     @property
@@ -175,6 +177,7 @@ class Context:
             child.n_samples = n
             child._cache, child._seconds, child._subsets = {}, {}, {}
             child._used, child._computed = None, set()
+            child.fold = None
             child._parent = self
             self._subsets[n] = child
         return self._subsets[n]
@@ -198,9 +201,48 @@ class Context:
         return self._cache[key]
 
     def _root(self) -> Context:
-        return getattr(self, "_parent", None) or self
+        ctx = self
+        while getattr(ctx, "_parent", None) is not None:
+            ctx = ctx._parent
+        return ctx
+
+    def folded(self) -> Context:
+        """A context on the same data measuring the model with eval BatchNorm folded into the
+        convs (:func:`convflat.measures.fold.fold_batchnorm`), and the initial model folded the
+        same way; ``self`` when the model has no conv -> BatchNorm pair.
+
+        The folded context is made once per context (shared result "fold_bn") and has its own
+        cache, so shared work on the folded model (the PAC-Bayes sigma search, the spectral
+        norms) is done once for every measure that asks for it. Its ``fold`` attribute holds
+        the :class:`~convflat.measures.fold.FoldResult` (pairs folded, BatchNorms kept).
+        """
+        if self.fold is not None:
+            return self
+        return self.shared("fold_bn", self._make_folded)
+
+    def _make_folded(self) -> Context:
+        from convflat.measures.fold import fold_batchnorm
+
+        res = fold_batchnorm(self.model, self.example_input)
+        if not res.pairs:
+            return self
+        child = Context.__new__(Context)
+        child.__dict__.update(self.__dict__)
+        child.model = res.model
+        child.fold = res
+        if self.init_model is not None:
+            init = fold_batchnorm(self.init_model)
+            if init.pairs != res.pairs:
+                raise ValueError("the initial model's conv -> BatchNorm pairs differ from the "
+                                 f"model's: {init.pairs} against {res.pairs}")
+            child.init_model = init.model
+        child._cache, child._seconds, child._subsets = {}, {}, {}
+        child._used, child._computed = None, set()
+        child._parent = self
+        return child
 
     def begin(self) -> None:
+        """Start recording which shared results the next measure uses (see :meth:`end`)."""
         self._used, self._computed = {}, set()
 
     def end(self) -> tuple[float, dict[str, float]]:
@@ -211,11 +253,13 @@ class Context:
         return earlier, {str(k[1]): round(s, 6) for k, s in used.items()}
 
     def tic(self) -> float:
+        """A timer start (synchronises CUDA first, so pending kernels are not missed)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
     def toc(self, start: float) -> float:
+        """Seconds since ``start`` from :meth:`tic` (synchronising CUDA first)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
@@ -234,6 +278,7 @@ class Context:
 
     @torch.no_grad()
     def accuracy(self) -> float:
+        """Training accuracy of the model's current weights over the data."""
         correct = 0
         for x, y in self.batches:
             correct += int((self.model(x).argmax(1) == y).sum())
@@ -246,7 +291,7 @@ class Context:
         for x, y in self.batches:
             loss = F.cross_entropy(self.model(x), y, reduction="sum")
             gs = torch.autograd.grad(loss, params)
-            for acc, g in zip(grads, gs):
+            for acc, g in zip(grads, gs, strict=True):
                 acc.add_(g)
             total += float(loss.detach().double())
         n = self.n_samples

@@ -8,6 +8,16 @@ biases and BatchNorm affine parameters are left out unless ``include_bias=True``
 paper. We report norms themselves, not their squares or logs: every transform used in the paper
 is monotone, so rank correlations are unaffected.
 
+**BatchNorm is folded first** (``fold_bn=True``, the default of every norm measure here): the
+norms are taken on the network with each eval-mode BatchNorm folded into the conv before it
+(:func:`convflat.measures.fold.fold_batchnorm`; the initial network of ``distance_from_init`` is
+folded the same way). This is what the reference implementations of Jiang et al.'s measures do,
+and it is what makes a norm a property of the function's parameterisation rather than of
+BatchNorm's bookkeeping: scaling a conv's filters together with its BN's running statistics
+leaves the function and the folded kernels unchanged but moves the raw kernels (docs/math.md
+Eq. (11)). ``fold_bn=False`` measures the raw parameters. Each entry records ``bn_folded`` and
+``bn_kept``, the numbers of BatchNorm layers folded and left as they are.
+
 Spectral norms of convolutions are exact: the operator norm of the convolution as a linear map
 on inputs of the size the layer actually sees (with its stride, padding, dilation and groups),
 not the norm of the reshaped kernel matrix (which is neither an upper nor a lower bound in
@@ -24,6 +34,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from convflat.measures.base import register
 from convflat.measures.context import Context
@@ -35,44 +46,57 @@ def _weights(ctx: Context, model: nn.Module, include_bias: bool) -> list[tuple[s
     return [(n, p) for n, p in ctx.named_params(model) if include_bias or p.ndim >= 2]
 
 
+def _measured(ctx: Context, fold_bn: bool) -> tuple[Context, dict[str, int]]:
+    """The context whose model the norms are taken on (BatchNorm-folded or raw), and the
+    numbers of BatchNorm layers folded and kept, for the entry."""
+    c = ctx.folded() if fold_bn else ctx
+    kept = sum(isinstance(m, _BatchNorm) for m in c.model.modules())
+    return c, {"bn_folded": len(c.fold.pairs) if c.fold is not None else 0, "bn_kept": kept}
+
+
 def _flat_norm(tensors: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors))
 
 
 @register(
     "frobenius_norm",
-    defaults={"include_bias": False},
+    defaults={"include_bias": False, "fold_bn": True},
     theory="changes",
     uses_data=False,
     source="Jiang et al. 2020, eq. (42) (param norm), reported as its square root",
 )
-def frobenius_norm(ctx: Context, *, include_bias: bool) -> dict[str, Any]:
+def frobenius_norm(ctx: Context, *, include_bias: bool, fold_bn: bool) -> dict[str, Any]:
     r"""Euclidean norm of all weights, :math:`\|\theta\|_2 = (\sum_i \|W_i\|_F^2)^{1/2}`.
 
     Jiang et al. 2020, eq. (42) ("param norm") is the square :math:`\sum_i \|W_i\|_F^2`.
+    With ``fold_bn`` (default) the weights are those of the BatchNorm-folded network, as in
+    the reference implementation (module docstring).
     """
-    ws = _weights(ctx, ctx.model, include_bias)
-    return {"value": _flat_norm([p for _, p in ws]), "n_tensors": len(ws)}
+    c, info = _measured(ctx, fold_bn)
+    ws = _weights(c, c.model, include_bias)
+    return {"value": _flat_norm([p for _, p in ws]), "n_tensors": len(ws), **info}
 
 
 @register(
     "distance_from_init",
-    defaults={"include_bias": False},
+    defaults={"include_bias": False, "fold_bn": True},
     theory="changes",
     needs_init=True,
     uses_data=False,
     source="Jiang et al. 2020, eq. (40) (frobenius distance to init), square root",
 )
-def distance_from_init(ctx: Context, *, include_bias: bool) -> dict[str, Any]:
+def distance_from_init(ctx: Context, *, include_bias: bool, fold_bn: bool) -> dict[str, Any]:
     r"""Distance from initialisation, :math:`\|\theta - \theta_0\|_2` over all weights.
 
     Jiang et al. 2020, eq. (40) is the square :math:`\sum_i \|W_i - W_i^0\|_F^2`; Nagarajan and
     Kolter 2019 argue for the distance itself. ``theta_0`` comes from ``init_model`` (matched
-    by parameter name).
+    by parameter name). With ``fold_bn`` (default) both networks are BatchNorm-folded first,
+    each with its own running statistics, as in the reference implementation.
     """
-    init = dict(ctx.named_params(ctx.init_model))
-    diffs = [p.detach() - init[n].detach() for n, p in _weights(ctx, ctx.model, include_bias)]
-    return {"value": _flat_norm(diffs)}
+    c, info = _measured(ctx, fold_bn)
+    init = dict(c.named_params(c.init_model))
+    diffs = [p.detach() - init[n].detach() for n, p in _weights(c, c.model, include_bias)]
+    return {"value": _flat_norm(diffs), **info}
 
 
 # ------------------------------------------------------------------ spectral norms
@@ -205,50 +229,87 @@ def layer_spectral_norms(
     return out
 
 
-def _spectral(ctx: Context, method: str, tol: float) -> list[dict[str, Any]]:
-    return ctx.shared(
+def _spectral(ctx: Context, method: str, tol: float, fold_bn: bool
+              ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    c, info = _measured(ctx, fold_bn)
+    layers = c.shared(
         ("spectral_norms", method, tol),
-        lambda: layer_spectral_norms(ctx.model, ctx.example_input[:1], method=method, tol=tol,
-                                     seed=ctx.seed),
+        lambda: layer_spectral_norms(c.model, c.example_input[:1], method=method, tol=tol,
+                                     seed=c.seed),
     )
+    return layers, info
+
+
+_SPECTRAL = {"method": "auto", "tol": 1e-8, "fold_bn": True}
 
 
 @register(
     "spectral_norm_sum",
-    defaults={"method": "auto", "tol": 1e-8},
+    defaults=dict(_SPECTRAL),
     theory="changes",
     uses_data=False,
-    source="Jiang et al. 2020, eq. (35) (sum of spectral norms), without the log",
+    source="sum of layer spectral norms (a plain variant; not Jiang et al. 2020, eq. (35))",
 )
-def spectral_norm_sum(ctx: Context, *, method: str, tol: float) -> dict[str, Any]:
+def spectral_norm_sum(ctx: Context, *, method: str, tol: float, fold_bn: bool
+                      ) -> dict[str, Any]:
     r"""Sum of layer spectral norms, :math:`\sum_i \|W_i\|_2` over Conv2d and Linear layers.
 
-    Conv norms are operator norms at the layer's input size (:func:`conv_spectral_norm`).
-    Jiang et al. 2020, eq. (35) uses :math:`\log(d\,(\prod_i \|W_i\|_2^2)^{1/d})`, a
-    geometric-mean form; the arithmetic sum here is the plain variant of the same family.
-    BatchNorm scales are not folded into the convs.
+    Conv norms are operator norms at the layer's input size (:func:`conv_spectral_norm`), on
+    the BatchNorm-folded network unless ``fold_bn=False`` (module docstring). This plain sum is
+    *not* Jiang et al. 2020's "sum-of-spec", eq. (35): that one is
+    :math:`\log(d\,(\prod_i \|W_i\|_2^2)^{1/d})`, a function of the product and the depth
+    only (``spectral_norm_balanced_sum``). The plain sum moves under the function-preserving
+    rescaling of whole layers (layer i times c > 0, layer i+1 divided by c, ReLU between),
+    which leaves the product and eq. (35) unchanged.
     """
-    layers = _spectral(ctx, method, tol)
-    return {"value": sum(r["sigma"] for r in layers), "layers": layers}
+    layers, info = _spectral(ctx, method, tol, fold_bn)
+    return {"value": sum(r["sigma"] for r in layers), "layers": layers, **info}
+
+
+@register(
+    "spectral_norm_balanced_sum",
+    defaults=dict(_SPECTRAL),
+    theory="changes",
+    uses_data=False,
+    source="Jiang et al. 2020, eq. (35) (sum-of-spec), exponentiated",
+)
+def spectral_norm_balanced_sum(ctx: Context, *, method: str, tol: float, fold_bn: bool
+                               ) -> dict[str, Any]:
+    r"""Jiang et al.'s "sum-of-spec", :math:`d\,(\prod_{i=1}^d \|W_i\|_2^2)^{1/d}` over the d
+    Conv2d and Linear layers (eq. (35) is its log, reported as ``log_value``).
+
+    By the AM-GM inequality it is the smallest :math:`\sum_i \|c_i W_i\|_2^2` over layer
+    rescalings :math:`c_i > 0` with :math:`\prod_i c_i = 1`, i.e. the sum of squared spectral
+    norms of the best-balanced network computing the same function (ReLU). For a fixed depth
+    it is a monotone function of ``spectral_norm_product``; across depths it is not. Conv
+    norms as in ``spectral_norm_sum``, on the BatchNorm-folded network unless ``fold_bn=False``.
+    """
+    layers, info = _spectral(ctx, method, tol, fold_bn)
+    d = len(layers)
+    log_prod_sq = sum(2 * math.log(r["sigma"]) for r in layers)
+    log_value = math.log(d) + log_prod_sq / d
+    return {"value": math.exp(log_value), "log_value": log_value, "depth": d, **info}
 
 
 @register(
     "spectral_norm_product",
-    defaults={"method": "auto", "tol": 1e-8},
+    defaults=dict(_SPECTRAL),
     theory="changes",
     uses_data=False,
     source="Jiang et al. 2020, eq. (32) (log product of spectral norms), exponentiated",
 )
-def spectral_norm_product(ctx: Context, *, method: str, tol: float) -> dict[str, Any]:
+def spectral_norm_product(ctx: Context, *, method: str, tol: float, fold_bn: bool
+                          ) -> dict[str, Any]:
     r"""Product of layer spectral norms, :math:`\prod_i \|W_i\|_2` (also as ``log_value``).
 
     Jiang et al. 2020, eq. (32) is :math:`\log \prod_i \|W_i\|_2^2 = 2\,` ``log_value``. The
     product bounds the network's Lipschitz constant for 1-Lipschitz activations (Bartlett
-    et al. 2017). BatchNorm scales are not folded into the convs.
+    et al. 2017). On the BatchNorm-folded network unless ``fold_bn=False`` (module
+    docstring): only then is it a bound of the eval-mode network's Lipschitz constant.
     """
-    layers = _spectral(ctx, method, tol)
+    layers, info = _spectral(ctx, method, tol, fold_bn)
     log_value = sum(math.log(r["sigma"]) for r in layers)
-    return {"value": math.exp(log_value), "log_value": log_value}
+    return {"value": math.exp(log_value), "log_value": log_value, **info}
 
 
 # ------------------------------------------------------------------ path norm and margin
@@ -256,29 +317,37 @@ def spectral_norm_product(ctx: Context, *, method: str, tol: float) -> dict[str,
 
 @register(
     "path_norm",
-    defaults={},
+    defaults={"fold_bn": True},
     theory="invariant",
     uses_data=False,
     source="Neyshabur et al. 2015; Jiang et al. 2020, eq. (44)",
 )
-def path_norm(ctx: Context) -> dict[str, Any]:
-    r"""Path norm :math:`\sum_k f_{\theta^{\circ 2}}(\mathbf 1)_k`.
+def path_norm(ctx: Context, *, fold_bn: bool) -> dict[str, Any]:
+    r"""Path norm :math:`\sum_k f_{\theta^{\circ 2}}(\mathbf 1)_k` of the BatchNorm-folded net.
 
     Every parameter is squared elementwise and an all-ones input (one sample, the data's
-    shape) is passed through; the outputs are summed (Neyshabur, Tomioka, Srebro 2015; Jiang
-    et al. 2020, eq. (44)). For a bias-free ReLU network this is the sum over all input-output
-    paths of the product of squared weights. BatchNorm running statistics are buffers and are
-    not squared (as in the reference implementation of Jiang et al.). Invariant under positive
-    per-filter rescaling of ReLU networks, because the squared network is rescaled by
-    ``alpha_c^2`` in the same function-preserving way.
+    shape) is passed through in eval mode; the outputs are summed (Neyshabur, Tomioka, Srebro
+    2015; Jiang et al. 2020, eq. (44)). For a bias-free ReLU network this is the sum over all
+    input-output paths of the product of squared weights.
+
+    With ``fold_bn`` (default) the network is first BatchNorm-folded (module docstring), as in
+    the reference implementation: the path norm is then that of the plain conv network that
+    computes the same function, and it is invariant under positive per-filter rescaling
+    (the squared network is rescaled by :math:`\alpha_c^2` in the same function-preserving
+    way) and under the rescaling of a conv together with its BN's running statistics (which
+    leaves the folded network unchanged). With ``fold_bn=False`` the raw parameters are
+    squared but BatchNorm's running statistics, being buffers, are not, which is neither a
+    path norm of the network nor invariant. A BatchNorm that follows no conv (after a
+    residual add) is kept, with squared affine parameters, in both cases.
     """
-    model = copy.deepcopy(ctx.model).eval()
+    c, info = _measured(ctx, fold_bn)
+    model = copy.deepcopy(c.model).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.pow_(2)
-        x = torch.ones((1, *ctx.batches[0][0].shape[1:]), device=ctx.device, dtype=ctx.dtype)
+        x = torch.ones((1, *c.batches[0][0].shape[1:]), device=c.device, dtype=c.dtype)
         value = float(model(x).double().sum())
-    return {"value": value}
+    return {"value": value, **info}
 
 
 @register(

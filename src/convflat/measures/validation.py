@@ -1,8 +1,9 @@
 """Validation helpers for the workflow: invariance, estimator convergence, and cost tables.
 
-* :func:`invariance_table`: every measure before and after a function-preserving rescaling of
-  the last conv's filters, next to what theory predicts (Dinh et al. 2017 for the
-  reparameterisation argument; MATH.md section 4).
+* :func:`invariance_table`: every measure before and after a function-preserving rescaling
+  (:func:`rescale_filters` without BatchNorm, :func:`rescale_batchnorm` with it), next to what
+  theory predicts (Dinh et al. 2017 for the reparameterisation argument; docs/math.md
+  Eq. (11)).
 * :func:`hutchinson_convergence`: Hutchinson and Hutch++ estimates of the last conv's Hessian
   trace against its exact value, over a range of probe counts.
 * :func:`cost_table`: stand-alone seconds of each measure, and their ratio to one forward pass
@@ -25,7 +26,8 @@ from convflat.measures.base import MEASURES
 from convflat.measures.context import Context
 from convflat.measures.registry import DEFAULT_MEASURES, compute_measures, resolve_names
 
-__all__ = ["cost_table", "hutchinson_convergence", "invariance_table", "rescale_filters"]
+__all__ = ["cost_table", "hutchinson_convergence", "invariance_table", "rescale_batchnorm",
+           "rescale_filters"]
 
 
 def rescale_filters(
@@ -75,6 +77,82 @@ def rescale_filters(
     return out
 
 
+def rescale_batchnorm(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    seed: int = 0,
+    low: float = 1 / 3,
+    high: float = 3.0,
+    head: bool = True,
+    rtol: float | None = None,
+) -> nn.Module:
+    r"""A copy of ``model`` rescaled in the two function-preserving ways BatchNorm allows
+    (docs/math.md Eq. (11), rows (ii) and (iv)); factors log-uniform in [low, high], seeded.
+
+    (ii) For every conv -> BatchNorm pair (:func:`convflat.measures.fold.conv_bn_pairs`):
+    filter c and its bias times :math:`a_c`, the running mean times :math:`a_c`, and the running
+    variance set to :math:`a_c^2 (v_c + \epsilon) - \epsilon`, so that
+    :math:`\sqrt{v_c + \epsilon}` is multiplied by exactly :math:`a_c` whatever the layer's
+    :math:`\epsilon`. The eval-mode function is unchanged for any activation and any residual
+    structure; the BatchNorm-folded network is unchanged too.
+
+    (iv) With ``head``: the BatchNorm after the conv that feeds global average pooling gets
+    its weight and bias times :math:`\alpha_c` and the classifier's column c is divided by
+    :math:`\alpha_c` (function-preserving for a positively homogeneous activation and no
+    residual add after that BatchNorm). This moves the folded last conv, so the folded norms
+    change while function-only measures must not.
+
+    The logits are compared on ``example_input`` (``rtol`` as in :func:`rescale_filters`); a
+    ValueError explains a mismatch, and one is raised when the model has no conv -> BN pair.
+    """
+    from convflat.curvature import find_head
+    from convflat.measures.fold import conv_bn_pairs
+
+    out = copy.deepcopy(model).eval()
+    pairs, _ = conv_bn_pairs(out)
+    if not pairs:
+        raise ValueError(f"{type(model).__name__} has no conv -> BatchNorm pair to rescale")
+    with torch.no_grad():
+        ref = out(example_input)
+        for i, (conv_name, bn_name) in enumerate(pairs):
+            conv, bn = out.get_submodule(conv_name), out.get_submodule(bn_name)
+            a = _alphas(conv.out_channels, seed + 1 + i, low, high)
+            w = conv.weight
+            w.mul_(a.to(w).view(-1, *([1] * (w.ndim - 1))))
+            if conv.bias is not None:
+                conv.bias.mul_(a.to(w))
+            var = a**2 * (bn.running_var.double() + bn.eps) - bn.eps
+            if bool((var < 0).any()):
+                raise ValueError(f"'{bn_name}': a factor below sqrt(eps / (v + eps)) would make "
+                                 "a running variance negative; raise low")
+            bn.running_mean.mul_(a.to(bn.running_mean))
+            bn.running_var.copy_(var)
+        if head:
+            h = find_head(out, example_input)
+            bn_name = dict(pairs).get(h.conv_name)
+            if bn_name is None:
+                raise ValueError(f"the conv that feeds the pooling, '{h.conv_name}', is not "
+                                 "followed by a BatchNorm (use rescale_filters)")
+            bn = out.get_submodule(bn_name)
+            if bn.weight is None:
+                raise ValueError(f"'{bn_name}' has no affine parameters to rescale")
+            a = _alphas(bn.num_features, seed, low, high).to(bn.weight)
+            bn.weight.mul_(a)
+            bn.bias.mul_(a)
+            h.linear.weight.div_(a.to(h.linear.weight).view(1, -1))
+        new = out(example_input)
+    tol = rtol if rtol is not None else (1e-10 if ref.dtype == torch.float64 else 1e-4)
+    err = float((new - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    if err > tol:
+        raise ValueError(
+            f"rescaling the conv -> BatchNorm pairs{' and the head' if head else ''} changed "
+            f"the logits (relative error {err:.2e} > {tol:.0e}); with head=True the ops after "
+            "the last BatchNorm must be positively homogeneous per channel (no residual add, "
+            "no smooth activation)")
+    return out
+
+
 def _alphas(C: int, seed: int, low: float, high: float) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(C, generator=g, dtype=torch.float64)
@@ -93,10 +171,17 @@ def invariance_table(
     device: str | torch.device | None = "auto",
     batch_size: int | None = None,
     rtol: float = 1e-4,
+    rescaling: str = "auto",
 ) -> pd.DataFrame:
-    """Each measure before and after :func:`rescale_filters`, with the theory's prediction.
+    """Each measure before and after a function-preserving rescaling, with the theory's
+    prediction.
 
-    ``alphas`` default: one per filter, log-uniform in [1/3, 3] (seeded). Both models are
+    ``rescaling``: "filters" (:func:`rescale_filters`, the last conv's filters against the
+    classifier; networks without BatchNorm after that conv), "batchnorm"
+    (:func:`rescale_batchnorm`: every conv -> BatchNorm pair with its running statistics, and
+    the last BatchNorm's affine against the classifier), or "auto" ("batchnorm" when the
+    model has a conv -> BatchNorm pair, else "filters"). ``alphas`` (filters only) default:
+    one per filter, log-uniform in [1/3, 3] (seeded). Both models are
     measured with the same seed, so a stochastic measure sees the same probes / noise draws
     and any change comes from the model. Columns: ``measure``, ``before``, ``after``,
     ``relative_change`` (|after - before| / |before|), ``changed`` (relative_change > rtol),
@@ -104,12 +189,20 @@ def invariance_table(
     theory; None for "nearly invariant" or a failed measure), ``status``.
     """
     from convflat.curvature import find_head
+    from convflat.measures.fold import conv_bn_pairs
 
     ctx = Context(model, data, device="cpu", batch_size=batch_size)
     x = ctx.example_input
-    C = find_head(ctx.model, x).conv.out_channels
-    a = _alphas(C, seed, 1 / 3, 3.0) if alphas is None else torch.as_tensor(alphas)
-    rescaled = rescale_filters(ctx.model, a, x)
+    if rescaling == "auto":
+        rescaling = "batchnorm" if conv_bn_pairs(ctx.model)[0] else "filters"
+    if rescaling == "batchnorm":
+        rescaled = rescale_batchnorm(ctx.model, x, seed=seed)
+    elif rescaling == "filters":
+        C = find_head(ctx.model, x).conv.out_channels
+        a = _alphas(C, seed, 1 / 3, 3.0) if alphas is None else torch.as_tensor(alphas)
+        rescaled = rescale_filters(ctx.model, a, x)
+    else:
+        raise ValueError(f"rescaling must be 'auto', 'filters' or 'batchnorm', got {rescaling!r}")
     todo = resolve_names(names if names is not None else DEFAULT_MEASURES)
     kw = {"init_model": init_model, "names": todo, "params": params, "seed": seed,
           "device": device, "batch_size": batch_size}
