@@ -65,7 +65,7 @@ def flat_loss(model: nn.Module, x, y, names: list[str]):
 
     def loss(theta: torch.Tensor) -> torch.Tensor:
         chunks = theta.split(sizes)
-        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
         return F.cross_entropy(functional_call(model, p, (x,)), y)
 
     theta0 = torch.cat([params[n].detach().reshape(-1) for n in names])
@@ -118,14 +118,16 @@ def test_trace_estimators_converge_within_statistical_error(relu_case, scope, me
     # unbiased: the mean of R independent estimates lies within 4 standard errors of Tr H
     sd = large.std()
     if method == "hutchinson":
-        # Hutchinson's variance is known exactly for Rademacher probes (MATH.md section 7)
+        # Hutchinson's variance is known exactly for Rademacher probes (docs/math.md Eq. (16))
         var1 = 2 * (float((ref**2).sum()) - float((ref.diagonal() ** 2).sum()))
         sd_theory = math.sqrt(var1 / 30)
         assert 0.5 * sd_theory < sd < 2.0 * sd_theory
         sd = torch.tensor(sd_theory)
     assert abs(float(large.mean()) - exact) <= 4 * float(sd) / math.sqrt(R) + 1e-12
     # and the error shrinks with the number of products
-    rmse = lambda r: float(((r - exact) ** 2).mean().sqrt())
+    def rmse(r: torch.Tensor) -> float:
+        return float(((r - exact) ** 2).mean().sqrt())
+
     assert rmse(large) < rmse(small)
 
 
@@ -213,7 +215,7 @@ def _per_sample_jacobians(model, x):
     sizes, shapes = [params[n].numel() for n in names], [params[n].shape for n in names]
 
     def f(th, xi):
-        p = {n: c.view(s) for n, c, s in zip(names, th.split(sizes), shapes)}
+        p = {n: c.view(s) for n, c, s in zip(names, th.split(sizes), shapes, strict=True)}
         return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
 
     J = torch.stack([jacrev(f)(theta, xi) for xi in x])  # (N, K, P)
@@ -261,8 +263,8 @@ def test_worst_case_sharpness_zero_at_rho0_grows_and_restores(adaptive, norm):
     ctx = Context(model, (x, y), device="cpu", batch_size=8)
     before = _state(ctx.model)
     rhos = [0.0, 0.005, 0.02, 0.08] if norm == "l2" else [0.0, 0.001, 0.004, 0.016]
-    vals = [worst_case_sharpness(ctx, rho=r, steps=4, norm=norm, adaptive=adaptive)["value"]
-            for r in rhos]
+    vals = [worst_case_sharpness(ctx, rho=r, max_steps=4, tol=0.0, norm=norm,
+                                 adaptive=adaptive)["value"] for r in rhos]
     assert vals[0] == 0.0
     assert all(b > a for a, b in itertools.pairwise(vals)), vals
     assert _same(before, _state(ctx.model))
@@ -290,7 +292,7 @@ def test_measures_never_touch_the_callers_model_and_restore_on_error():
     saved = [p.detach().clone() for p in params]
     with pytest.raises(RuntimeError), perturbed(params, [torch.ones_like(p) for p in params]):
         raise RuntimeError("boom")
-    assert all(torch.equal(p, s) for p, s in zip(params, saved))
+    assert all(torch.equal(p, s) for p, s in zip(params, saved, strict=True))
 
 
 # --------------------------------------------------------------------------- PAC-Bayes
@@ -327,7 +329,7 @@ def test_pacbayes_bound_formula():
         "pacbayes_flatness": {"depth": 5}, "pacbayes_bound": {"depth": 5}})
     sigma = out["pacbayes_flatness"]["sigma"]
     d2 = sum(float((p - q).detach().pow(2).sum())
-             for p, q in zip(model.parameters(), init.parameters()))
+             for p, q in zip(model.parameters(), init.parameters(), strict=True))
     ref = d2 / (4 * sigma**2) + math.log(40 / sigma) + 10
     assert out["pacbayes_bound"]["value"] == pytest.approx(ref, rel=1e-12)
     # the sigma search is shared: the bound is charged its cost but does not redo it
@@ -408,8 +410,8 @@ def test_norms_margin_and_distance(relu_case):
     w0 = [p.detach() for p in init.parameters() if p.ndim >= 2]
     assert rel(out["frobenius_norm"]["value"],
                math.sqrt(sum(float((w**2).sum()) for w in ws))) < 1e-12
-    assert rel(out["distance_from_init"]["value"],
-               math.sqrt(sum(float(((w - v) ** 2).sum()) for w, v in zip(ws, w0)))) < 1e-12
+    dist = math.sqrt(sum(float(((w - v) ** 2).sum()) for w, v in zip(ws, w0, strict=True)))
+    assert rel(out["distance_from_init"]["value"], dist) < 1e-12
     with torch.no_grad():
         z = model(x)
     true = z[torch.arange(12), y]
