@@ -18,7 +18,7 @@ from torch import nn
 
 from convflat.measures import MEASURES, invariance_table, rescale_filters
 
-# theory, measure by measure (MATH.md section 4 and the measures' docstrings)
+# theory, measure by measure (docs/math.md Eq. (11) and the measures' docstrings)
 STAY = [
     "conv_relative_flatness", "fisher_rao_norm", "inverse_margin", "sharpness_adaptive",
     "sharpness_avg_adaptive", "path_norm",

@@ -1,6 +1,6 @@
 r"""Exact spectral measures of the last conv's Hessian block: top eigenvalue, Frobenius norm.
 
-Notation of MATH.md section 2 (per sample n: softmax p_n, :math:`A_n = \mathrm{diag}(p_n) -
+Notation of docs/math.md Eq. (2) (per sample n: softmax p_n, :math:`A_n = \mathrm{diag}(p_n) -
 p_n p_n^\top`, classifier V (K x C), :math:`M_n = V^\top A_n V`, :math:`q_n = V^\top(p_n -
 e_{y_n})`, :math:`J_{n,c} = \sum_p S_n[c,p] u_{n,p} \in R^d`, T_n the sigma'' table). The
 kernel Hessian (Cd x Cd, blocks indexed by filters c, c') is
@@ -95,10 +95,12 @@ class ConvFactors:
 
     @property
     def form(self) -> str:
+        """The cached form: "jacobian" (per-filter Jacobians) or "patches"."""
         return "jacobian" if self.J is not None else "patches"
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
+        """(N samples, C filters, d patch size, K classes)."""
         return self.N, self.C, self.d, self.V.shape[0]
 
     def M(self, sl: slice = slice(None)) -> torch.Tensor:
@@ -338,7 +340,7 @@ _FRO = {"method": "auto", "dense_max": 4096, "max_entries": 5e7, "hvp_max": 4096
 
 
 @register("conv_top_eigenvalue", defaults=dict(_TOP),
-          source="exact; MATH.md section 3 (block structure); Keskar et al. 2017 (lambda_max)")
+          source="exact; docs/math.md Eq. (5) (block structure); Keskar et al. 2017 (lambda_max)")
 def conv_top_eigenvalue(ctx: Context, *, method: str, tol: float, dense_max: int,
                         max_entries: float) -> dict[str, Any]:
     r""":math:`\lambda_{\max}` of the Hessian block of the kernel of the conv that feeds GAP.

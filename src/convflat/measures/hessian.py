@@ -11,7 +11,7 @@ curvlinops-for-pytorch 3.0.1). Measures:
   relative error against the exact value of :func:`convflat.curvature.exact_curvature`;
 * ``hessian_top_eigenvalue``: largest eigenvalue of the whole-network Hessian (Lanczos);
 * ``conv_trace``, ``conv_relative_flatness``, ``classifier_trace``,
-  ``classifier_relative_flatness``: the exact closed form (MATH.md sections 3 and 6).
+  ``classifier_relative_flatness``: the exact closed form (docs/math.md Eqs. (7), (9), (12), (13)).
 
 Estimators. Girard-Hutchinson with m Rademacher probes v (Hutchinson 1989):
 :math:`\hat t = \frac1m \sum_i v_i^\top H v_i`, unbiased, variance
@@ -65,7 +65,7 @@ def _reverse_over_reverse():
                 for k in range(K):
                     hv = torch.autograd.grad(grads, self._params, [m[..., k] for m in M],
                                              retain_graph=k < K - 1)
-                    for o, h in zip(out, hv):
+                    for o, h in zip(out, hv, strict=True):
                         o[..., k] = h
             return out
 
@@ -185,7 +185,7 @@ def hutchinson_conv_trace(ctx: Context, *, probes: int, groups: int,
                           distribution: str) -> dict[str, Any]:
     r"""Hutchinson estimate of :math:`\mathrm{Tr}\,\nabla^2_W L` for the kernel W of the conv
     that feeds GAP; ``relative_error`` = (estimate - exact) / |exact| with the exact trace of
-    :func:`convflat.curvature.exact_curvature` (MATH.md section 3)."""
+    :func:`convflat.curvature.exact_curvature` (docs/math.md Eq. (7))."""
     return _conv_trace(ctx, "hutchinson", probes, groups, distribution)
 
 
@@ -265,31 +265,32 @@ def _exact_extras(ctx: Context) -> dict[str, Any]:
     return {"layer": res.layer, "classifier": res.classifier, "route": res.route}
 
 
-@register("conv_trace", defaults={}, source="arXiv 2603.09016; MATH.md section 3")
+@register("conv_trace", defaults={}, source="arXiv 2603.09016; docs/math.md Eq. (7)")
 def conv_trace(ctx: Context) -> dict[str, Any]:
     r"""Exact :math:`\mathrm{Tr}\,\nabla^2_W L` of the conv that feeds GAP:
     :math:`\sum_c \frac1N\sum_n [M_n[c,c]\|J_{n,c}\|^2 + q_n[c]\sum_p T_n[c,p]\|u_{n,p}\|^2]`
-    (MATH.md section 3; :func:`convflat.curvature.exact_curvature`)."""
+    (docs/math.md Eq. (7); :func:`convflat.curvature.exact_curvature`)."""
     return {"value": ctx.exact().trace, **_exact_extras(ctx)}
 
 
 @register("conv_relative_flatness", defaults={}, theory="invariant",
-          source="Petzka et al. 2021; arXiv 2603.09016; MATH.md section 3")
+          source="Petzka et al. 2021; arXiv 2603.09016; docs/math.md Eq. (9)")
 def conv_relative_flatness(ctx: Context) -> dict[str, Any]:
     r"""Exact conv relative flatness :math:`\kappa = \sum_{c,c'} \langle w_c, w_{c'}\rangle
-    \mathrm{Tr}\,H_{c,c'}` (Petzka et al. 2021 with neurons -> filters; MATH.md section 3)."""
+    \mathrm{Tr}\,H_{c,c'}` (Petzka et al. 2021 with neurons -> filters; docs/math.md Eq. (9))."""
     return {"value": ctx.exact().relative_flatness, **_exact_extras(ctx)}
 
 
-@register("classifier_trace", defaults={}, source="Petzka et al. 2021; MATH.md section 6")
+@register("classifier_trace", defaults={},
+          source="Petzka et al. 2021; docs/math.md Eq. (12)")
 def classifier_trace(ctx: Context) -> dict[str, Any]:
     r"""Exact trace of the Hessian in the classifier weight V (bias excluded):
-    :math:`\frac1N\sum_n \|g_n\|^2\,\mathrm{tr}(A_n)` (MATH.md section 6)."""
+    :math:`\frac1N\sum_n \|g_n\|^2\,\mathrm{tr}(A_n)` (docs/math.md Eq. (12))."""
     return {"value": ctx.exact().classifier_trace, **_exact_extras(ctx)}
 
 
 @register("classifier_relative_flatness", defaults={}, theory="changes",
-          source="Petzka et al. 2021; MATH.md section 6")
+          source="Petzka et al. 2021; docs/math.md Eq. (13)")
 def classifier_relative_flatness(ctx: Context) -> dict[str, Any]:
     r"""Exact relative flatness of the classifier layer (Petzka et al. 2021):
     :math:`\kappa_V = \frac1N\sum_n \|g_n\|^2 (\sum_k G_V[k,k] p_{nk} - p_n^\top G_V p_n)`,
