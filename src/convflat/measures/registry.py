@@ -62,6 +62,7 @@ DEFAULT_MEASURES: list[str] = [
     # norms and margin
     "frobenius_norm",
     "spectral_norm_sum",
+    "spectral_norm_balanced_sum",
     "spectral_norm_product",
     "distance_from_init",
     "path_norm",
