@@ -3,6 +3,8 @@
 Nothing here knows about models, configs or Snakemake. Every artifact convflat writes goes
 through :func:`atomic_write_json` or :func:`atomic_torch_save`, so a killed job never leaves a
 half-written file behind (the file is written next to its target and renamed into place).
+The record vocabulary every layer shares (:data:`STATUSES`, :data:`METRICS`) lives here
+because this module imports neither torch nor pandas.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ if TYPE_CHECKING:  # torch is imported lazily: convflat.analysis writes files wi
 
 STATUSES = ("ok", "diverged", "failed")
 
+#: The generalization metrics of a run, in the order of the runs table's columns: every
+#: train.json carries them (null for a run that diverged or failed), the runs table has one
+#: column each, and the analysis takes its targets from them. Losses are mean cross-entropy
+#: in nats, accuracies in [0, 1]; loss_gap = test_loss - train_loss, acc_gap = train_acc -
+#: test_acc, test_error = 1 - test_acc.
+METRICS = ("train_loss", "test_loss", "train_acc", "test_acc", "loss_gap", "acc_gap",
+           "test_error")
+
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """Map ``"auto"`` (or None) to CUDA when present, else CPU; validate anything else."""
@@ -35,13 +45,31 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask, read without changing it where Linux allows
+    (``/proc/self/status``); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it into
-    place; on any error the temporary file is removed and ``path`` is untouched."""
+    place; on any error the temporary file is removed and ``path`` is untouched. The file
+    gets mode ``0o666 & ~umask``, as a plain ``open(path, "w")`` would give it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; give the file the mode open() would (0644 under umask 022)
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -88,10 +116,12 @@ def dumps_json(obj: Any) -> str:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically."""
     return atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save(obj)`` atomically."""
     import torch
 
     return atomic_write(path, lambda fh: torch.save(obj, fh))
