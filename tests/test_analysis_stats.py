@@ -144,7 +144,7 @@ def test_psi_incomplete_grid_is_reported():
     assert "< 2 runs" in res.note and "b 1" in res.note
     # No pair differs only in b: psi_b is undefined, Psi is psi_a, and the note says so.
     full = _hand_grid()
-    cells = list(zip(full["hp_a"], full["hp_b"]))
+    cells = list(zip(full["hp_a"], full["hp_b"], strict=True))
     diag = full[[c in {(1, 1), (2, 2), (3, 1)} for c in cells]]
     res = granulated_kendall(diag, "m_x", "loss_gap", n_boot=100)
     assert math.isnan(res.per_axis["hp_b"]) and res.n_groups["hp_b"] == 0
@@ -207,7 +207,7 @@ def test_cmi_matches_a_brute_force_reference():
     assert res.per_set[()] == pytest.approx(_cmi_reference(mu, g, [0] * len(mu)))
     assert res.per_set[("hp_a",)] == pytest.approx(_cmi_reference(mu, g, list(a)))
     assert res.per_set[("hp_a", "hp_b")] == pytest.approx(
-        _cmi_reference(mu, g, list(zip(a, b))))
+        _cmi_reference(mu, g, list(zip(a, b, strict=True))))
     assert res.value == pytest.approx(min(res.per_set.values()))
 
 

@@ -35,16 +35,20 @@ from convflat.analysis.runs import (
 from convflat.analysis.stats import (
     BootstrapCI,
     CMIResult,
+    ConvergenceSummary,
     PsiResult,
+    SpreadRatio,
     axis_groups,
     bootstrap_kendall,
     bootstrap_weights,
     conditional_mutual_information,
+    convergence_summary,
     correlation_table,
     granulated_kendall,
     kendall_tau,
     pearson,
     spearman,
+    spread_ratio,
 )
 from convflat.analysis.study import STUDY_FIGURES, STUDY_TABLES, analyse_study
 from convflat.analysis.tables import (
@@ -58,12 +62,14 @@ from convflat.analysis.tables import (
 
 __all__ = [
     "DEFAULT_TARGETS", "NUISANCE_AXES", "OURS", "STUDY_FIGURES", "STUDY_TABLES",
-    "BootstrapCI", "CMIResult", "PsiResult", "RunSelection",
+    "BootstrapCI", "CMIResult", "ConvergenceSummary", "PsiResult", "RunSelection",
+    "SpreadRatio",
     "analyse_study", "axis_columns", "axis_groups", "bootstrap_kendall", "bootstrap_weights",
-    "combine_runs", "conditional_mutual_information", "correlation_latex",
+    "combine_runs", "conditional_mutual_information", "convergence_summary", "correlation_latex",
     "correlation_markdown", "correlation_table", "figure_paths", "granulated_kendall",
     "kendall_tau", "measure_columns", "pearson", "plot_false_friend",
     "plot_hutchinson_convergence", "plot_measure_vs_gap", "plot_psi_heatmap", "plot_tau_psi",
     "read_correlation_table", "read_runs", "runs_summary_table", "select_runs", "spearman",
+    "spread_ratio",
     "write_correlation_table", "write_runs_summary",
 ]

@@ -188,10 +188,10 @@ def plot_measure_vs_gap(
     if hue is not None:
         # Keyed by label, not value: NaN (an axis a combined study lacks) is not == NaN.
         labels = list(dict.fromkeys(_value_label(v) for v in _sorted_levels(use[hue])))
-        palette = dict(zip(labels, sns.color_palette("viridis", len(labels))))
+        palette = dict(zip(labels, sns.color_palette("viridis", len(labels)), strict=True))
     with _style():
         fig, axs = _grid(len(measures), ncols, panel)
-        for ax, m in zip(axs, measures):
+        for ax, m in zip(axs, measures, strict=True):
             mu = numeric_column(use, m)
             ok = np.isfinite(mu) & np.isfinite(g)
             tau = kendall_tau(mu[ok], g[ok], variant=variant) if ok.sum() >= 2 else np.nan
@@ -243,7 +243,7 @@ def plot_tau_psi(
         fig = Figure(figsize=(panel_width * len(targets), 0.3 * len(names) + 1.2),
                      layout="constrained")
         axs = np.atleast_1d(fig.subplots(1, len(targets), sharey=True, squeeze=False).ravel())
-        for ax, t in zip(axs, targets):
+        for ax, t in zip(axs, targets, strict=True):
             for k, m in enumerate(table.index):
                 color = OURS_COLOR if _label("m_" + m).endswith("(ours)") else BASE_COLOR
                 if color == OURS_COLOR:
@@ -305,7 +305,7 @@ def plot_psi_heatmap(
         width = sum(0.5 * max(1, m.shape[1]) + 1.6 for m in mats) + 0.6
         fig = Figure(figsize=(max(3.5, width), 0.28 * len(names) + 1.3), layout="constrained")
         axs = np.atleast_1d(fig.subplots(1, len(targets), squeeze=False).ravel())
-        for k, (ax, t, mat) in enumerate(zip(axs, targets, mats)):
+        for k, (ax, t, mat) in enumerate(zip(axs, targets, mats, strict=True)):
             if mat.shape[1] == 0 or not np.isfinite(mat.to_numpy()).any():
                 ax.text(0.5, 0.5, "no hyperparameter axis\nwith a usable group",
                         ha="center", va="center", transform=ax.transAxes)
@@ -364,7 +364,7 @@ def plot_hutchinson_convergence(
     if df.empty:
         raise ValueError("convergence table is empty")
     methods = list(dict.fromkeys(df["method"]))
-    colors = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    colors = dict(zip(methods, sns.color_palette("colorblind", len(methods)), strict=True))
     scale = abs(exact) if exact != 0 else 1.0
     with _style():
         fig = Figure(figsize=(PANEL[0] * (2 if relative else 1), PANEL[1]),
@@ -446,7 +446,7 @@ def plot_false_friend(
     others = [a for a in axis_columns(use, nuisance=False, varying=True) if a not in (axis, hue)]
     with _style():
         fig, axs = _grid(len(columns), ncols, panel)
-        for ax, col in zip(axs, columns):
+        for ax, col in zip(axs, columns, strict=True):
             use[col] = numeric_column(use, col)
             d = use[np.isfinite(use[col].to_numpy()) & np.isfinite(x)]
             _style_title(ax, col)

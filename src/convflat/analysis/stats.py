@@ -32,6 +32,7 @@ import pandas as pd
 import scipy.stats
 
 from convflat.analysis.runs import (
+    AXIS_PREFIX,
     DEFAULT_TARGETS,
     NUISANCE_AXES,
     axis_columns,
@@ -46,16 +47,20 @@ from convflat.analysis.runs import (
 __all__ = [
     "BootstrapCI",
     "CMIResult",
+    "ConvergenceSummary",
     "PsiResult",
+    "SpreadRatio",
     "axis_groups",
     "bootstrap_kendall",
     "bootstrap_weights",
     "conditional_mutual_information",
+    "convergence_summary",
     "correlation_table",
     "granulated_kendall",
     "kendall_tau",
     "pearson",
     "spearman",
+    "spread_ratio",
 ]
 
 _H_EPS = 1e-12  # an entropy below this (in nats) is zero: the stratum's gap sign is certain
@@ -496,7 +501,9 @@ def correlation_table(
     ``t.psi_hi``, ``t.psi[<axis>]`` and ``t.psi_groups[<axis>]`` (groups used) for each
     varying non-seed axis, ``t.cmi`` and ``t.cmi_set`` (the minimising conditioning set,
     ``+``-joined, ``{}`` for the empty set), ``t.n`` (runs used) and ``t.note`` (why a value
-    is NaN or what was left out; empty when nothing); then ``n_runs`` and ``n_excluded``.
+    is NaN or what was left out; empty when nothing); then ``n_runs`` and ``n_excluded``,
+    and ``n_boot``, ``level``, ``seed``, ``variant`` (how tau and its CI were computed; the
+    same in every row, so that the CSV keeps them and the table legend can state them).
     ``table.attrs`` carries the same counts, the exclusion reasons, targets, axes, n_boot,
     level, seed and variant.
 
@@ -529,6 +536,8 @@ def correlation_table(
                                  n_boot=n_boot, level=level, seed=seed, variant=variant,
                                  max_set_size=max_set_size, cmi=cmi))
         row["n_runs"], row["n_excluded"] = selection.n_runs, selection.n_excluded
+        # How the CIs were made, in the table itself so that its CSV keeps them.
+        row.update(n_boot=n_boot, level=level, seed=seed, variant=variant)
         rows.append(row)
     table = pd.DataFrame(rows).set_index("measure")
     table.attrs.update({
@@ -586,3 +595,226 @@ def _one_pair(use, m, t, mu, g, axes, cond, groups, *, n_boot, level, seed, vari
     out[f"{t}.n"] = n
     out[f"{t}.note"] = "; ".join(notes)
     return out
+
+
+# ------------------------------------------------ spread of the gap, and convergence
+
+
+@dataclass(frozen=True)
+class SpreadRatio:
+    """Between- over within-configuration spread of a target (see :func:`spread_ratio`).
+
+    ``ratio`` = ``between`` / ``within``; ``n_configs`` configurations with a finite target,
+    ``n_replicated`` of them with >= 2 runs (the ones ``within`` is pooled over), ``n_runs``
+    runs used, ``dof`` = sum over configurations of (runs - 1), ``axes`` the columns that
+    define a configuration, ``note`` why a value is NaN or infinite (empty otherwise).
+    """
+
+    target: str
+    ratio: float
+    between: float
+    within: float
+    n_configs: int
+    n_replicated: int
+    n_runs: int
+    dof: int
+    axes: tuple[str, ...]
+    note: str = ""
+
+    def line(self, digits: int = 2) -> str:
+        """One sentence, e.g. ``Spread of loss_gap: between / within configurations = 4.1
+        (sd of 16 configuration means 0.031, pooled seed sd 0.0076; 32 runs).``"""
+        if not np.isfinite(self.ratio) and not np.isinf(self.ratio):
+            return f"Spread of {self.target}: between / within configurations undefined " \
+                   f"({self.note})."
+        text = (f"Spread of {self.target}: between / within configurations = "
+                f"{self.ratio:.{digits}f} (sd of {self.n_configs} configuration means "
+                f"{self.between:.2g}, pooled within-configuration sd {self.within:.2g} over "
+                f"{self.n_replicated} configurations with >= 2 runs; {self.n_runs} runs)")
+        return text + (f"; {self.note}." if self.note else ".")
+
+
+def _config_columns(runs: pd.DataFrame) -> list[str]:
+    """The columns that define a configuration: every ``hp_`` column except the nuisance
+    axes (the seed), plus ``study`` in a combined table."""
+    cols = [c for c in runs.columns
+            if str(c).startswith(AXIS_PREFIX) and c not in NUISANCE_AXES]
+    if "study" in runs.columns:
+        cols.append("study")
+    return cols
+
+
+def spread_ratio(runs: pd.DataFrame, *, target: str = "loss_gap",
+                 require_converged: bool = True) -> SpreadRatio:
+    r"""How much more a target varies across configurations than across seeds.
+
+    A *configuration* is a unique combination of the ``hp_`` columns other than ``hp_seed``
+    (and of ``study`` when the table has it); runs of one configuration differ only in the
+    seed. Only usable runs count (:func:`~convflat.analysis.runs.select_runs`: status ``ok``
+    and, with ``require_converged``, converged), and of those only the ones with a finite
+    target. With configurations c = 1..k, runs y_{c,1..n_c} and means m_c:
+
+        between = sd(m_1, ..., m_k)          (sample sd, ddof = 1, each configuration once)
+        within  = sqrt( sum_c sum_i (y_ci - m_c)^2 / sum_c (n_c - 1) )
+                                              (pooled sd; configurations with n_c = 1 add 0)
+        ratio   = between / within
+
+    Without any real effect of the hyperparameters, m_c scatters with sd ~ within /
+    sqrt(n_seeds), so the ratio is ~ 1 / sqrt(n_seeds); a ratio well above 1 means the grid
+    moves the target far more than the seed does.
+
+    NaN with a ``note`` when fewer than 2 configurations exist (no ``between``) or no
+    configuration has >= 2 runs (no ``within``); ``inf`` when within = 0 < between. Raises
+    ValueError when ``target`` is missing or not numeric, or no run is usable.
+    """
+    require_columns(runs, [target])
+    numeric_column(runs, target)
+    selection = select_runs(runs, require_converged=require_converged)
+    if selection.n_runs == 0:
+        raise ValueError(f"spread ratio of {target!r}: no usable runs ({selection.summary()})")
+    use = selection.runs
+    y = numeric_column(use, target)
+    keep = np.isfinite(y)
+    use, y = use.loc[keep].reset_index(drop=True), y[keep]
+    axes = _config_columns(use)
+    if axes:
+        parts = [np.asarray(p) for p in use.groupby(axes, dropna=False, sort=False)
+                 .indices.values()]
+    else:
+        parts = [np.arange(len(use))] if len(use) else []
+    means = np.array([y[p].mean() for p in parts])
+    sizes = np.array([p.size for p in parts])
+    ss = float(sum(((y[p] - y[p].mean()) ** 2).sum() for p in parts))
+    dof = int((sizes - 1).sum())
+    notes = []
+    if len(parts) >= 2:
+        between = float(np.std(means, ddof=1))
+    else:
+        between = float("nan")
+        notes.append(f"{len(parts)} configuration(s): the between-configuration sd needs >= 2")
+    if dof > 0:
+        within = float(np.sqrt(ss / dof))
+    else:
+        within = float("nan")
+        notes.append("no configuration has >= 2 runs (seeds): the within-configuration sd "
+                     "is undefined")
+    if np.isfinite(between) and np.isfinite(within):
+        if within > 0:
+            ratio = between / within
+        elif between > 0:
+            ratio = float("inf")
+            notes.append("every configuration's runs have the same value (within sd = 0)")
+        else:
+            ratio = float("nan")
+            notes.append(f"{target} is constant")
+    else:
+        ratio = float("nan")
+    if keep.size > keep.sum():
+        notes.append(f"{int(keep.size - keep.sum())} run(s) without a finite {target} left out")
+    return SpreadRatio(target, float(ratio), between, within, len(parts),
+                       int((sizes >= 2).sum()), len(use), dof, tuple(axes),
+                       "; ".join(notes))
+
+
+@dataclass(frozen=True)
+class ConvergenceSummary:
+    """Did the runs reach the training-loss target, and at similar losses?
+
+    ``n_total`` runs; ``n_converged`` with status ``ok`` that reached the target (``share``
+    = n_converged / n_total); ``excluded`` the reasons and counts of
+    :func:`~convflat.analysis.runs.select_runs`. Over the included runs: ``loss_min`` and
+    ``loss_max`` of ``loss_column``, ``loss_ratio`` = max / min, ``within_factor`` =
+    ``loss_ratio <= max_loss_ratio``; ``lr_min`` / ``lr_max`` of ``lr_column`` (None when
+    the table has no such column). ``warnings`` are the failed checks in words.
+    """
+
+    n_total: int
+    n_converged: int
+    share: float
+    excluded: dict[str, int]
+    loss_column: str
+    loss_min: float
+    loss_max: float
+    loss_ratio: float
+    within_factor: bool
+    max_loss_ratio: float
+    min_share: float
+    lr_column: str | None
+    lr_min: float | None
+    lr_max: float | None
+    warnings: tuple[str, ...] = ()
+
+    def markdown(self) -> str:
+        """A Markdown fragment: one line of figures, then each warning in bold."""
+        text = (f"Convergence: {self.n_converged} of {self.n_total} runs "
+                f"({self.share:.0%}) reached the training-loss target")
+        if self.excluded:
+            text += " (excluded: " + "; ".join(f"{k}: {v}" for k, v in
+                                               self.excluded.items()) + ")"
+        if np.isfinite(self.loss_min):
+            text += (f"; stopped {self.loss_column} of the included runs "
+                     f"{self.loss_min:.3g}-{self.loss_max:.3g} (max/min "
+                     f"{self.loss_ratio:.2f}, limit {self.max_loss_ratio:g})")
+        if self.lr_column is not None and self.lr_min is not None:
+            lr = (f"{self.lr_min:.3g}" if self.lr_min == self.lr_max
+                  else f"{self.lr_min:.3g}-{self.lr_max:.3g}")
+            text += f"; learning rate at the stop {lr}"
+        lines = [text + "."]
+        lines += [f"**Warning: {w}.**" for w in self.warnings]
+        return "\n\n".join(lines) + "\n"
+
+
+def convergence_summary(
+    runs: pd.DataFrame, *, loss_column: str = "train_loss", lr_column: str = "lr_at_stop",
+    min_share: float = 0.8, max_loss_ratio: float = 2.0,
+) -> ConvergenceSummary:
+    """Account for the matched-loss protocol: how many runs converged, and whether the
+    included runs stopped at comparable training losses.
+
+    ``share`` = (runs with status ``ok`` and ``converged``) / (all runs); a diverged or
+    failed run counts as not converged. The included runs are those of
+    :func:`~convflat.analysis.runs.select_runs` (the ones the correlations use). Their
+    ``loss_column`` (default ``train_loss``: the training cross-entropy at the stop) must lie
+    within a factor ``max_loss_ratio`` of each other: max / min <= ``max_loss_ratio``
+    (non-finite values are ignored; a non-positive minimum gives an infinite ratio). When
+    ``lr_column`` is in the table its range over the included runs is reported; when it is
+    not, ``lr_column`` is None. Warnings (in :meth:`ConvergenceSummary.markdown`, bold):
+    share < ``min_share``, ratio > ``max_loss_ratio``, no run included.
+
+    Raises ValueError when ``status``, ``converged`` or ``loss_column`` is missing, or the
+    table is empty.
+    """
+    require_columns(runs, ["status", "converged", loss_column])
+    if len(runs) == 0:
+        raise ValueError("convergence summary: the runs table has no rows")
+    numeric_column(runs, loss_column)
+    sel = select_runs(runs, require_converged=True)
+    n_total, n_conv = len(runs), sel.n_runs
+    share = n_conv / n_total
+    warn = []
+    if share < min_share:
+        warn.append(f"only {n_conv} of {n_total} runs ({share:.0%}) reached the training-loss "
+                    f"target, under {min_share:.0%}")
+    loss = numeric_column(sel.runs, loss_column)
+    loss = loss[np.isfinite(loss)]
+    if loss.size:
+        lo, hi = float(loss.min()), float(loss.max())
+        ratio = hi / lo if lo > 0 else float("inf")
+    else:
+        lo = hi = ratio = float("nan")
+        warn.append(f"no included run has a finite {loss_column}")
+    within = bool(np.isfinite(ratio) and ratio <= max_loss_ratio)
+    if loss.size and not within:
+        warn.append(f"the stopped {loss_column} of the included runs spans {lo:.3g}-{hi:.3g}, "
+                    f"a factor {ratio:.3g} > {max_loss_ratio:g}: the nets are not compared at "
+                    "a matched training loss")
+    lr_col: str | None = lr_column if lr_column in runs.columns else None
+    lr_min = lr_max = None
+    if lr_col is not None:
+        lr = numeric_column(sel.runs, lr_col)
+        lr = lr[np.isfinite(lr)]
+        if lr.size:
+            lr_min, lr_max = float(lr.min()), float(lr.max())
+    return ConvergenceSummary(n_total, n_conv, share, dict(sel.excluded), loss_column, lo, hi,
+                              ratio, within, max_loss_ratio, min_share, lr_col, lr_min, lr_max,
+                              tuple(warn))

@@ -30,6 +30,7 @@ from convflat.analysis.runs import (
 from convflat.io import atomic_write_text
 
 __all__ = [
+    "SETTING_COLUMNS",
     "TABLE_STATS",
     "correlation_latex",
     "correlation_markdown",
@@ -47,8 +48,7 @@ _MD_HEAD = {"tau": "τ [CI]", "spearman": "ρ", "pearson": "r", "psi": "Ψ [CI]"
 _TEX_HEAD = {"tau": r"$\tau$", "spearman": r"$\rho$", "pearson": r"$r$", "psi": r"$\Psi$",
              "cmi": "CMI"}
 _LEGEND = (
-    "τ: Kendall's tau{variant} with a {level:.0%} percentile bootstrap CI over runs "
-    "({n_boot} resamples, seed {seed}); ρ: Spearman; r: Pearson (raw values); "
+    "τ: Kendall's tau{variant} with {ci}; ρ: Spearman; r: Pearson (raw values); "
     "Ψ: granulated Kendall coefficient (Jiang et al. 2020) with a bootstrap CI over groups; "
     "ψ(axis): its value per hyperparameter axis; CMI: conditional mutual information of the "
     "orderings, minimum over conditioning sets of at most 2 axes (Jiang et al. 2020; PGDL). "
@@ -118,13 +118,42 @@ def _table_axes(table: pd.DataFrame, target: str) -> list[str]:
     return [m.group(1) for c in table.columns if (m := pat.match(str(c)))]
 
 
+#: Per-table settings kept as constant columns of the CSV (CSV has no ``attrs``).
+SETTING_COLUMNS = ("n_runs", "n_excluded", "n_boot", "level", "seed", "variant")
+
+
+def _with_settings(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a column for every setting of :data:`SETTING_COLUMNS` that is only in
+    its ``attrs`` (a table built before those columns existed), so that its CSV keeps it."""
+    missing = {c: table.attrs[c] for c in SETTING_COLUMNS
+               if c not in table.columns and c in table.attrs}
+    if not missing:
+        return table
+    out = table.assign(**missing)
+    out.attrs = dict(table.attrs)
+    return out
+
+
 def read_correlation_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a ``correlation.csv`` back (index ``measure``). ``attrs`` are not stored in CSV;
-    the counts are in the ``n_runs`` / ``n_excluded`` columns."""
+    """Read a ``correlation.csv`` back (index ``measure``).
+
+    CSV has no ``attrs``: the settings stored as constant columns (:data:`SETTING_COLUMNS`:
+    ``n_runs``, ``n_excluded``, ``n_boot``, ``level``, ``seed``, ``variant``) are copied back
+    into ``attrs`` from the first row, so the legend of a re-rendered table still says how
+    the CIs were made."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"correlation table {path} does not exist")
     table = pd.read_csv(path, index_col="measure", keep_default_na=True)
     for c in table.columns:
         if str(c).endswith((".note", ".cmi_set")):
             table[c] = table[c].fillna("").astype(str)
+    if len(table):
+        for c in SETTING_COLUMNS:
+            if c in table.columns and pd.notna(table[c].iloc[0]):
+                v = table[c].iloc[0]
+                table.attrs[c] = (str(v) if c == "variant"
+                                  else float(v) if c == "level" else int(v))
     return table
 
 
@@ -144,13 +173,32 @@ def _selection_line(table: pd.DataFrame) -> str:
     return "Runs: counts not recorded."
 
 
+def _setting(table: pd.DataFrame, key: str):
+    """A table setting from ``attrs``, else from its constant column, else None."""
+    if key in table.attrs:
+        return table.attrs[key]
+    if key in table.columns and len(table) and pd.notna(table[key].iloc[0]):
+        return table[key].iloc[0]
+    return None
+
+
+def _legend(table: pd.DataFrame) -> str:
+    """The legend of the statistics. The CI's level, resamples and seed come from the table
+    (``attrs`` or the columns :data:`SETTING_COLUMNS`); a table that records none of them
+    (made by hand) gets a legend that says so instead of printing placeholders."""
+    variant, level = _setting(table, "variant"), _setting(table, "level")
+    n_boot, seed = _setting(table, "n_boot"), _setting(table, "seed")
+    if n_boot is None or seed is None or level is None:
+        ci = "a percentile bootstrap CI over runs (level, resamples and seed not recorded)"
+    else:
+        ci = (f"a {float(level):.0%} percentile bootstrap CI over runs ({int(n_boot)} "
+              f"resamples, seed {int(seed)})")
+    return _LEGEND.format(variant="_" + str(variant or "b"), ci=ci)
+
+
 def _footer_lines(table: pd.DataFrame, targets: Sequence[str]) -> list[str]:
     """Plain-text footer: runs used / left out, legend, psi groups, and every note."""
-    a = table.attrs
-    lines = [_selection_line(table)]
-    lines.append(_LEGEND.format(
-        variant="_" + str(a.get("variant", "b")), level=float(a.get("level", 0.95)),
-        n_boot=a.get("n_boot", "?"), seed=a.get("seed", "?")))
+    lines = [_selection_line(table), _legend(table)]
     for t in targets:
         parts = []
         for ax in _table_axes(table, t):
@@ -255,7 +303,7 @@ def correlation_latex(table: pd.DataFrame, *, stats: Sequence[str] | None = None
     lines = ["% written by convflat.analysis.tables.correlation_latex; needs booktabs",
              r"\begin{tabular}{l" + "".join("r" * len(c) for c in per_t) + "}", r"\toprule"]
     group, rules, start = [""], [], 2
-    for t, cols in zip(targets, per_t):
+    for t, cols in zip(targets, per_t, strict=True):
         group.append(rf"\multicolumn{{{len(cols)}}}{{c}}{{{_tex_escape(t)}}}")
         rules.append(rf"\cmidrule(lr){{{start}-{start + len(cols) - 1}}}")
         start += len(cols)
@@ -268,7 +316,7 @@ def correlation_latex(table: pd.DataFrame, *, stats: Sequence[str] | None = None
     best = [[_best_mask(v, digits) for _, _, v, _ in cols] for cols in per_t]
     for r, measure in enumerate(table.index):
         row = [_tex_escape(measure) + (r"$^\dagger$" if _is_ours(table, measure) else "")]
-        for cols, bmask in zip(per_t, best):
+        for cols, bmask in zip(per_t, best, strict=True):
             for c, (_, _, v, ci) in enumerate(cols):
                 cell = _tex_num(v[r], digits, bold=bmask[c][r])
                 if ci is not None and ci[0] is not None and np.isfinite(v[r]):
@@ -298,6 +346,7 @@ def write_correlation_table(
     has every column.
     """
     base = _prefix(prefix)
+    table = _with_settings(table)
     csv = table.to_csv(float_format="%.10g")
     return [
         _write(base.with_name(base.name + ".csv"), csv),
