@@ -21,6 +21,14 @@ from convflat.analysis.figures import (
     plot_psi_heatmap,
     plot_tau_psi,
 )
+from convflat.analysis.headline import (
+    HEADLINE_TARGETS,
+    TargetVerdict,
+    headline_markdown,
+    headline_rows,
+    headline_verdicts,
+    write_headline,
+)
 from convflat.analysis.runs import (
     DEFAULT_TARGETS,
     NUISANCE_AXES,
