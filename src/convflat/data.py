@@ -13,7 +13,8 @@ so that training reads one tensor file, not thousands of images. ``mean`` and ``
 per-channel statistics of the training images in [0, 1] units; :meth:`Prepared.tensors` maps
 ``x`` to ``(x / 255 - mean) / std``.
 
-Dataset names (:data:`DATASETS`): ``mnist``, ``fashion-mnist``, ``kmnist``, ``cifar10``,
+Dataset names (:data:`DATASETS`; the built-in ones are the rows of
+:data:`convflat.sources.SOURCES`): ``mnist``, ``fashion-mnist``, ``kmnist``, ``cifar10``,
 ``cifar100``, ``svhn`` (torchvision, with torchvision's own download and checksum code),
 ``sklearn-digits`` (8 x 8 grayscale, ships with scikit-learn: no network), ``npz:PATH`` and
 ``folder:PATH``.
@@ -31,39 +32,22 @@ import numpy as np
 import torch
 
 from convflat.io import atomic_torch_save
+from convflat.sources import SOURCES, USER_SOURCES
 
 log = logging.getLogger(__name__)
 
 DATA_FORMAT = "convflat-data/1"
 
-# name -> (torchvision class, how the split is chosen)
-TORCHVISION = {
-    "mnist": ("MNIST", "train"),
-    "fashion-mnist": ("FashionMNIST", "train"),
-    "kmnist": ("KMNIST", "train"),
-    "cifar10": ("CIFAR10", "train"),
-    "cifar100": ("CIFAR100", "train"),
-    "svhn": ("SVHN", "split"),
-}
-DATASETS = (*TORCHVISION, "sklearn-digits", "npz:PATH", "folder:PATH")
-_ALIASES = {
-    "fashionmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10",
-    "cifar-100": "cifar100", "digits": "sklearn-digits", "sklearn_digits": "sklearn-digits",
-}
+# name -> (torchvision class, how the split is chosen), from the one table of sources
+TORCHVISION = {s.name: (s.torchvision, s.split) for s in SOURCES.values() if s.torchvision}
+DATASETS = (*SOURCES, *USER_SOURCES)
+_ALIASES = {alias: s.name for s in SOURCES.values() for alias in s.aliases}
 
 # Augmentation a dataset is trained with unless the TrainConfig says otherwise: random crop
-# after zero-padding by `crop_padding` pixels per side, and horizontal flips. Flips are on only
-# for natural photographs and clothing, never for digits, letters or house numbers; the 8 x 8
-# digits are not augmented at all. npz and folder data: crop by H / 8, no flips.
-DEFAULT_AUGMENT = {
-    "cifar10": {"crop_padding": 4, "flip": True},
-    "cifar100": {"crop_padding": 4, "flip": True},
-    "svhn": {"crop_padding": 4, "flip": False},
-    "mnist": {"crop_padding": 2, "flip": False},
-    "kmnist": {"crop_padding": 2, "flip": False},
-    "fashion-mnist": {"crop_padding": 2, "flip": True},
-    "sklearn-digits": {"crop_padding": 0, "flip": False},  # 1 pixel is 1/8 of the image
-}
+# after zero-padding by `crop_padding` pixels per side, and horizontal flips (the columns of
+# convflat.sources.SOURCES). npz and folder data: crop by H / 8, no flips.
+DEFAULT_AUGMENT = {s.name: {"crop_padding": s.crop_padding, "flip": s.flip}
+                   for s in SOURCES.values()}
 
 _STD_FLOOR = 1.0 / 255.0  # a constant channel gets std 1/255 instead of 0 (no division by 0)
 
@@ -77,7 +61,7 @@ def canonical_name(name: str) -> str:
         return f"{kind.lower()}:{rest}"
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
-    if key not in TORCHVISION and key != "sklearn-digits":
+    if key not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return key
 
@@ -123,10 +107,12 @@ class Prepared:
 
     @property
     def num_classes(self) -> int:
+        """K, the number of classes."""
         return len(self.classes)
 
     @property
     def in_channels(self) -> int:
+        """C, the image channels."""
         return int(self.x_train.shape[1])
 
     @property
@@ -337,6 +323,30 @@ def seeded_generator(seed: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(state)
 
 
+def seeded_subset(*tensors: torch.Tensor, n: int | None,
+                  seed: int) -> tuple[torch.Tensor, ...]:
+    """The same seeded uniform random ``n`` rows of every tensor (a subset for measuring).
+
+    The rows are the first ``n`` of ``torch.randperm(N, generator=torch.Generator()
+    .manual_seed(seed))``, in that order, so a seed gives the same subset on every machine
+    and for every run of a study. ``n`` None, or at least N: every row, in order. This is
+    the one definition of "a seeded random subset" (the workflow's measure and validation
+    jobs, ``convflat curvature --max-samples``).
+    """
+    if not tensors:
+        raise ValueError("seeded_subset needs at least one tensor")
+    total = int(tensors[0].shape[0])
+    if any(int(t.shape[0]) != total for t in tensors):
+        lengths = [int(t.shape[0]) for t in tensors]
+        raise ValueError(f"seeded_subset: tensors differ in length {lengths}")
+    if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
+        raise ValueError(f"subset size must be a positive integer, got {n!r}")
+    if n is None or int(n) >= total:
+        return tuple(tensors)
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[: int(n)]
+    return tuple(t[idx.to(t.device)] for t in tensors)
+
+
 def _apply_label_noise(y: torch.Tensor, num_classes: int, fraction: float,
                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace the labels of exactly ``round(fraction * N)`` samples by a uniformly drawn
@@ -420,10 +430,7 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 def _load_torchvision(name: str, root: Path, download: bool):
     """Read a torchvision benchmark from ``root``; download it only when it is missing."""
-    import torchvision.datasets as tvd
-
-    cls_name, split_kind = TORCHVISION[name]
-    cls = getattr(tvd, cls_name)
+    cls, split_kind = torchvision_class(name), TORCHVISION[name][1]
 
     def build(train: bool, dl: bool):
         kw = {"split": "train" if train else "test"} if split_kind == "split" else {"train": train}
@@ -457,6 +464,42 @@ def _load_torchvision(name: str, root: Path, download: bool):
         classes = list(getattr(ds, "classes", None) or [str(i) for i in range(int(y.max()) + 1)])
     (x_tr, y_tr), (x_te, y_te) = parts
     return x_tr, y_tr, x_te, y_te, classes
+
+
+def torchvision_class(name: str):
+    """The ``torchvision.datasets`` class of a torchvision source (``cifar10`` -> CIFAR10)."""
+    import torchvision.datasets as tvd
+
+    name = canonical_name(name)
+    if name not in TORCHVISION:
+        raise ValueError(f"{name!r} is not a torchvision source (those are {list(TORCHVISION)})")
+    return getattr(tvd, TORCHVISION[name][0])
+
+
+def torchvision_files(name: str, root: str | os.PathLike) -> list[tuple[str, str]]:
+    """(URL, path under ``root``) of every file torchvision downloads for source ``name``:
+    what to fetch by hand for a machine without network."""
+    cls, root = torchvision_class(name), str(root)
+    if hasattr(cls, "tgz_md5"):  # CIFAR-10/100: one archive
+        return [(cls.url, f"{root}/{cls.filename}")]
+    if hasattr(cls, "split_list"):  # SVHN: one .mat per split
+        return [(url, f"{root}/{file}") for split, (url, file, _md5) in cls.split_list.items()
+                if split in ("train", "test")]
+    raw = f"{root}/{cls.__name__}/raw"  # MNIST family: four .gz files
+    return [(f"{cls.mirrors[0]}{file}", f"{raw}/{file}") for file, _md5 in cls.resources]
+
+
+def download(name: str, root: str | os.PathLike) -> dict[str, int]:
+    """Fetch torchvision source ``name`` into ``root`` (torchvision's layout and MD5 checks;
+    files already there are verified and kept). Returns ``{"train": N, "test": M}`` images.
+    A network error propagates as torchvision raises it."""
+    cls = torchvision_class(name)
+    kind = TORCHVISION[canonical_name(name)][1]
+    sizes = {}
+    for split in ("train", "test"):
+        kw = {"split": split} if kind == "split" else {"train": split == "train"}
+        sizes[split] = len(cls(str(root), download=True, **kw))
+    return sizes
 
 
 # ---- npz ------------------------------------------------------------------------------------
@@ -498,7 +541,7 @@ def _load_npz(path: Path, test_fraction: float, seed: int):
         raise ValueError(f"{path}: images of key {k1!r} have shape C x H x W = {s1}, but "
                          f"those of key {k0!r} have {s0}")
     labels = {}
-    for xk, yk in zip(img_keys, lab_keys):
+    for xk, yk in zip(img_keys, lab_keys, strict=True):
         labels[yk] = _npz_labels(arrays[yk], yk, path)
         if labels[yk].shape[0] != images[xk].shape[0]:
             raise ValueError(f"{path}: key {yk!r} has {labels[yk].shape[0]} labels but key "
@@ -514,8 +557,9 @@ def _load_npz(path: Path, test_fraction: float, seed: int):
         bad = np.nonzero((y < 0) | (y >= k))[0]
         if bad.size:
             i = int(bad[0])
+            whence = " from key classes" if "classes" in arrays else ""
             raise ValueError(f"{path}: key {yk!r} has label {int(y[i])} at index {i}, outside "
-                             f"0..{k - 1} ({k} classes{' from key classes' if 'classes' in arrays else ''})")
+                             f"0..{k - 1} ({k} classes{whence})")
 
     as_t = {kk: torch.from_numpy(np.ascontiguousarray(v)) for kk, v in {**images, **labels}.items()}
     if kind == "given":
@@ -537,7 +581,8 @@ def _npz_images(a: np.ndarray, key: str, path: Path) -> np.ndarray:
         raise ValueError(f"{path}: key {key!r} has dtype {a.dtype}; images must be uint8 or float")
     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
         i = int(np.argwhere(~np.isfinite(a))[0][0])
-        raise ValueError(f"{path}: key {key!r} contains NaN or infinite values (first in image {i})")
+        raise ValueError(
+            f"{path}: key {key!r} contains NaN or infinite values (first in image {i})")
     return a
 
 
@@ -609,8 +654,9 @@ def _load_folder(root: Path):
             if size is None:
                 size = img.shape
             elif img.shape != size:
-                raise ValueError(f"{file}: image is {img.shape[1]} x {img.shape[0]} pixels, but "
-                                 f"the first image is {size[1]} x {size[0]}; resize them to one size")
+                raise ValueError(
+                    f"{file}: image is {img.shape[1]} x {img.shape[0]} pixels, but the first "
+                    f"image is {size[1]} x {size[0]}; resize them to one size")
             xs.append(img)
             ys.append(label)
         arrays.append((np.stack(xs), np.asarray(ys, dtype=np.int64)))

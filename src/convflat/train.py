@@ -45,7 +45,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from convflat.data import Prepared, load_prepared, normalize, seeded_generator
-from convflat.io import atomic_write_json, iter_batches, provenance, resolve_device
+from convflat.io import (
+    METRICS,
+    atomic_torch_save,
+    atomic_write_json,
+    iter_batches,
+    provenance,
+    resolve_device,
+)
 from convflat.models import build_model, normalize_spec, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,38 +66,56 @@ MODEL_FILE, INIT_FILE, CHECKPOINT_FILE, RECORD_FILE = (
     "model.pt", "init.pt", "checkpoint.pt", "train.json")
 
 
+def _option(default: Any, help: str, **meta: Any) -> Any:
+    """A TrainConfig field: its default and its help text (with units), which the command
+    line (``convflat train --help``) and the tests of the workflow's schema read."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Every training hyperparameter, with its unit. The loss is plain cross-entropy (no
-    label smoothing): the flatness measures are of that loss."""
+    label smoothing): the flatness measures are of that loss.
+
+    Each field's ``metadata["help"]`` is its documentation; ``convflat train`` turns every
+    field into a flag with that help, and the workflow's config schema (the ``train`` block
+    of a study) must list the same fields with the same defaults (tests/test_workflow.py).
+    """
 
     # -- length and stopping
-    epochs: int = 30                      # epochs to run; with stop_loss, the cap (epochs)
-    stop_loss: float | None = None        # stop after the first epoch whose train CE (eval mode,
-                                          # full split, nats) is below this; None: run all epochs
+    epochs: int = _option(30, "epochs to run; with stop_loss, the cap")
+    stop_loss: float | None = _option(
+        None, "stop after the first epoch whose training cross-entropy (eval mode, full "
+        "split, nats) is below this, e.g. 0.01 (unset: run all epochs)")
     # -- optimisation
-    batch_size: int = 128                 # images per step (the last partial batch is dropped)
-    optimizer: str = "sgd"                # "sgd" (heavy-ball momentum) | "adam"
-    lr: float = 0.1                       # peak learning rate (per step)
-    momentum: float = 0.9                 # SGD momentum; Adam's beta1 (beta2 = 0.999)
-    nesterov: bool = False                # Nesterov momentum (SGD only)
-    weight_decay: float = 5e-4            # L2 coefficient added to the gradient (not decoupled)
-    schedule: str = "cosine"              # "constant" | "step" | "cosine" (to 0 at `epochs`)
-    warmup_epochs: float = 0.0            # linear warm-up from lr / steps to lr (epochs)
-    step_milestones: tuple[float, ...] = (0.5, 0.75)  # "step": fractions of `epochs` where...
-    step_gamma: float = 0.1               # ...lr is multiplied by this factor
+    batch_size: int = _option(128, "images per step (the last partial batch is dropped)")
+    optimizer: str = _option("sgd", "sgd (heavy-ball momentum) or adam",
+                             choices=OPTIMIZERS)
+    lr: float = _option(0.1, "peak learning rate (per step)")
+    momentum: float = _option(0.9, "SGD momentum; Adam's beta1 (beta2 = 0.999)")
+    nesterov: bool = _option(False, "Nesterov momentum (SGD only)")
+    weight_decay: float = _option(5e-4, "L2 coefficient added to the gradient (not decoupled)")
+    schedule: str = _option("cosine", "learning-rate schedule: constant, step, or cosine (to "
+                            "0 at the last epoch)", choices=SCHEDULES)
+    warmup_epochs: float = _option(0.0, "linear warm-up from lr / steps to lr, in epochs")
+    step_milestones: tuple[float, ...] = _option(
+        (0.5, 0.75), "step schedule: fractions of the epochs at which lr decays")
+    step_gamma: float = _option(0.1, "step schedule: factor of each decay")
     # -- augmentation, on tensors on the device
-    crop_padding: int | None = None       # random crop after zero-padding (pixels per side);
-                                          # 0: off; None: the dataset's default (CIFAR 4, digits 0)
-    flip: bool | None = None              # random horizontal flip (p = 1/2); None: the dataset's
-                                          # default (on for CIFAR-10/100, off for digits)
+    crop_padding: int | None = _option(
+        None, "random crop after zero-padding by this many pixels per side; 0 turns it off "
+        "(unset: the dataset's, 4 for CIFAR, 0 for the 8 x 8 digits)")
+    flip: bool | None = _option(
+        None, "random horizontal flips, p = 1/2 (unset: the dataset's, on for CIFAR-10/100, "
+        "off for digits)")
     # -- reproducibility and hardware
-    seed: int = 0                         # initial weights, data order, augmentation, dropout
-    amp: bool = True                      # on CUDA: bf16 autocast for the training steps
-    channels_last: bool = True            # train in the channels-last memory format (cuDNN and
-                                          # oneDNN: 1.1-1.4x faster steps on this CPU too)
-    eval_batch_size: int = 1000           # images per forward pass when measuring losses
-    device: str = "auto"                  # "auto" | "cpu" | "cuda[:i]"
+    seed: int = _option(0, "seed of the initial weights, data order, augmentation and dropout")
+    amp: bool = _option(True, "on CUDA, bf16 autocast for the training steps")
+    channels_last: bool = _option(
+        True, "train in the channels-last memory format (cuDNN and oneDNN: 1.1-1.4x faster "
+        "steps on a CPU too)")
+    eval_batch_size: int = _option(1000, "images per forward pass when measuring losses")
+    device: str = _option("auto", "auto, cpu, cuda or cuda:<i>")
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
@@ -125,6 +150,7 @@ class TrainConfig:
             bad("nesterov", "needs optimizer='sgd' and momentum > 0")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (``step_milestones`` as a list)."""
         d = dataclasses.asdict(self)
         d["step_milestones"] = list(self.step_milestones)
         return d
@@ -147,7 +173,8 @@ class TrainConfig:
         aug = prepared.augment
         return dataclasses.replace(
             self,
-            crop_padding=int(aug["crop_padding"]) if self.crop_padding is None else self.crop_padding,
+            crop_padding=(int(aug["crop_padding"]) if self.crop_padding is None
+                          else self.crop_padding),
             flip=bool(aug["flip"]) if self.flip is None else self.flip,
         )
 
@@ -172,7 +199,8 @@ class DeviceData:
                  device: str | torch.device = "cpu", channels_last: bool = False,
                  dtype: torch.dtype = torch.float32):
         if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError(f"DeviceData needs uint8 images (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+            raise ValueError("DeviceData needs uint8 images (N, C, H, W), got "
+                             f"{x.dtype} {tuple(x.shape)}")
         if y.shape != (x.shape[0],):
             raise ValueError(f"labels of shape {tuple(y.shape)} do not match {x.shape[0]} images")
         self.device = torch.device(device)
@@ -466,7 +494,8 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
                 status, state["stop_reason"], metrics = "diverged", "diverged", _null_metrics()
         except Exception as exc:
             seconds = seconds_before + time.perf_counter() - t_start
-            record.update(provenance(device=device, seed=cfg.seed, seconds=seconds, status="failed"))
+            record.update(provenance(device=device, seed=cfg.seed, seconds=seconds,
+                                     status="failed"))
             record.update(epochs_run=state["epoch"], stop_reason=state["stop_reason"],
                           converged=False, steps=state["epoch"] * steps, **_null_metrics(),
                           history=state["history"], resumes=state["resumes"],
@@ -487,6 +516,71 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
              state["epoch"], state["stop_reason"], metrics["train_acc"], metrics["test_acc"],
              seconds)
     return json.loads((out_dir / RECORD_FILE).read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# The workflow's policy: a run that fails is recorded, not raised
+# --------------------------------------------------------------------------------------------
+
+#: Format of the small stand-in files written for ``model.pt`` / ``init.pt`` of a failed run.
+FAILED_FORMAT = "convflat-failed/1"
+STALE_CHECKPOINT_FILE = "checkpoint.stale.pt"
+
+
+def error_text(exc: BaseException) -> str:
+    """One line for a JSON record: ``TypeName: message``."""
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+def train_or_record_failure(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
+                            cfg: dict[str, Any], out_dir: str | os.PathLike, *,
+                            run_id: str | None = None,
+                            progress: bool | None = False) -> dict[str, Any]:
+    """:func:`train` one run of a study, and never raise: return the content of train.json.
+
+    A run that diverges is recorded by :func:`train` (status "diverged"). A checkpoint that
+    cannot be resumed (another run's, or unreadable) fails before training starts and
+    before train.json exists: it is moved to ``checkpoint.stale.pt`` and the run starts
+    again. Any other error is recorded: train.json gets status "failed", the error
+    (``TypeName: message``) and ``run_id``; ``model.pt`` and ``init.pt``, if training never
+    wrote them, become small stand-ins (format :data:`FAILED_FORMAT`) that say so. Every
+    output then exists, so a workflow sees the job as done and the rest of the study goes
+    on; the tables count the run as failed. ``cfg`` is a TrainConfig as a dict.
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    ckpt, record_path = out_dir / CHECKPOINT_FILE, out_dir / RECORD_FILE
+    try:
+        had_checkpoint = ckpt.is_file()
+        try:
+            return train(spec, prepared, cfg, out_dir, progress=progress)
+        except ValueError:
+            if not (had_checkpoint and not record_path.is_file()):
+                raise
+            log.exception("resuming from %s failed", ckpt)
+            log.warning("moving %s to %s and starting the run from scratch", ckpt,
+                        STALE_CHECKPOINT_FILE)
+            ckpt.replace(ckpt.with_name(STALE_CHECKPOINT_FILE))
+            return train(spec, prepared, cfg, out_dir, progress=progress)
+    except Exception as exc:  # recorded, not raised: one failed run must not stop the study
+        log.exception("training failed")
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if record.get("status") != "failed":
+            record = {
+                **provenance(device=cfg.get("device"), seed=cfg.get("seed"),
+                             seconds=time.perf_counter() - start, status="failed"),
+                "format": TRAIN_FORMAT, "spec": spec, "config": cfg,
+                "epochs_run": 0, "converged": False, **dict.fromkeys(METRICS),
+            }
+        record["error"] = error_text(exc)
+        record["run_id"] = run_id
+        atomic_write_json(record_path, record)
+        for name in (MODEL_FILE, INIT_FILE):
+            if not (out_dir / name).is_file():
+                atomic_torch_save(out_dir / name, {"format": FAILED_FORMAT, "status": "failed",
+                                                   "error": record["error"], "spec": spec})
+        log.info("run recorded as failed: %s", record["error"])
+        return record
 
 
 def _fit(model, optimizer, scheduler, gen, data: DeviceData, prepared: Prepared,
@@ -597,9 +691,8 @@ def _final_metrics(model, train_data: DeviceData, prepared: Prepared, cfg: Train
 
 
 def _null_metrics() -> dict[str, Any]:
-    keys = ("train_loss", "train_acc", "test_loss", "test_acc", "loss_gap", "acc_gap",
-            "test_error", "train_loss_clean", "train_acc_clean")
-    return dict.fromkeys(keys)
+    """The metrics of a run that has none (diverged or failed): every key, null."""
+    return dict.fromkeys((*METRICS, "train_loss_clean", "train_acc_clean"))
 
 
 def _normalized_batches(prepared: Prepared, split: str, device: torch.device,

@@ -1,11 +1,12 @@
 # Stage 4: a study's runs -> runs table -> correlation tables and figures; the same over all
-# studies pooled ("overall"). Every figure is its own job: naming its file rebuilds it alone.
+# studies pooled ("overall"). Every figure (convflat.workflow.FIGURES) is its own job:
+# naming its file rebuilds it alone.
 
 
 rule collect:
     input:
-        records=lambda wildcards: run_files(wildcards.study, "train.json"),
-        measures=lambda wildcards: run_files(wildcards.study, "measures.json"),
+        records=study_runs(rules.train.output.record),
+        measures=study_runs(rules.measure.output.measures),
     output:
         runs=report(
             "results/tables/{study}/runs.csv",
@@ -24,8 +25,8 @@ rule collect:
         mem_mb=res("analysis", "mem_mb"),
         runtime=res("analysis", "runtime"),
     params:
-        run_ids=lambda wildcards: study_run_ids(wildcards.study),
-        hp=lambda wildcards: {r: v["hp"] for r, v in RUNS[wildcards.study].items()},
+        run_ids=lambda wildcards: list(RUNS[wildcards.study]),
+        hp=lambda wildcards: {r: v.hp for r, v in RUNS[wildcards.study].items()},
         version=code_version("analysis"),
     script:
         "../scripts/collect.py"
@@ -33,7 +34,7 @@ rule collect:
 
 rule correlation:
     input:
-        runs="results/tables/{study}/runs.csv",
+        runs=rules.collect.output.runs,
     output:
         csv=report(
             "results/tables/{study}/correlation.csv",
@@ -63,7 +64,7 @@ rule correlation:
 
 rule runs_summary:
     input:
-        runs="results/tables/{study}/runs.csv",
+        runs=rules.collect.output.runs,
     output:
         csv="results/tables/{study}/runs_summary.csv",
         md="results/tables/{study}/runs_summary.md",
@@ -87,8 +88,7 @@ rule runs_summary:
 
 rule figure:
     input:
-        runs="results/tables/{study}/runs.csv",
-        correlation="results/tables/{study}/correlation.csv",
+        unpack(figure_inputs),
     output:
         png=report(
             "results/figures/{study}/{figure}.png",
@@ -102,7 +102,7 @@ rule figure:
     benchmark:
         "results/benchmarks/figure/{study}/{figure}.tsv"
     wildcard_constraints:
-        figure="measure_vs_gap|tau_psi|psi_heatmap",
+        figure="|".join(FIGURES),
     conda:
         "../../envs/convflat.yaml"
     threads: 1
@@ -111,35 +111,7 @@ rule figure:
         runtime=res("analysis", "runtime"),
     params:
         figure=lambda wildcards: wildcards.figure,
-        analysis=config["analysis"],
-        version=code_version("analysis"),
-    script:
-        "../scripts/figure.py"
-
-
-rule false_friend:
-    input:
-        runs="results/tables/{study}/runs.csv",
-    output:
-        png=report(
-            "results/figures/{study}/false_friend.png",
-            caption="../report/false_friend.rst",
-            category="{study}",
-            subcategory="figures",
-        ),
-        pdf="results/figures/{study}/false_friend.pdf",
-    log:
-        "results/logs/figure/{study}/false_friend.log",
-    benchmark:
-        "results/benchmarks/figure/{study}/false_friend.tsv"
-    conda:
-        "../../envs/convflat.yaml"
-    threads: 1
-    resources:
-        mem_mb=res("analysis", "mem_mb"),
-        runtime=res("analysis", "runtime"),
-    params:
-        figure="false_friend",
+        caption=lambda wildcards: FIGURES[wildcards.figure].caption,
         analysis=config["analysis"],
         version=code_version("analysis"),
     script:
@@ -148,7 +120,7 @@ rule false_friend:
 
 rule overall_correlation:
     input:
-        runs=expand("results/tables/{study}/runs.csv", study=STUDIES),
+        runs=expand(rules.collect.output.runs, study=STUDIES),
     output:
         csv=report(
             "results/tables/overall/correlation.csv",
@@ -178,7 +150,7 @@ rule overall_correlation:
 
 rule overall_figure:
     input:
-        correlation="results/tables/overall/correlation.csv",
+        correlation=rules.overall_correlation.output.csv,
     output:
         png=report(
             "results/figures/overall/{figure}.png",
@@ -192,7 +164,7 @@ rule overall_figure:
     benchmark:
         "results/benchmarks/figure/overall/{figure}.tsv"
     wildcard_constraints:
-        figure="tau_psi|psi_heatmap",
+        figure="|".join(name for name, f in FIGURES.items() if f.overall),
     conda:
         "../../envs/convflat.yaml"
     threads: 1
@@ -201,6 +173,7 @@ rule overall_figure:
         runtime=res("analysis", "runtime"),
     params:
         figure=lambda wildcards: wildcards.figure,
+        caption=lambda wildcards: FIGURES[wildcards.figure].caption,
         analysis=config["analysis"],
         version=code_version("analysis"),
     script:

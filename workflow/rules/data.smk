@@ -17,7 +17,7 @@ rule download:
         mem_mb=res("prepare", "mem_mb"),
         runtime=res("prepare", "runtime"),
     params:
-        root=lambda wildcards: f"data/raw/{wildcards.source}",
+        root=lambda wildcards, output: str(Path(output.marker).parent),
     script:
         "../scripts/download.py"
 
@@ -39,7 +39,7 @@ rule prepare:
         runtime=res("prepare", "runtime"),
     params:
         dataset=dataset_config,
-        root=lambda wildcards: f"data/raw/{dataset_config(wildcards)['source']}",
+        root=raw_root,
         version=code_version("prepare"),
     script:
         "../scripts/prepare.py"

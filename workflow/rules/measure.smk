@@ -4,10 +4,10 @@
 
 rule measure:
     input:
-        model="results/runs/{study}/{run_id}/model.pt",
-        init="results/runs/{study}/{run_id}/init.pt",
-        record="results/runs/{study}/{run_id}/train.json",
-        data=study_prepared,
+        model=rules.train.output.model,
+        init=rules.train.output.init,
+        record=rules.train.output.record,
+        data=run_prepared,
     output:
         measures="results/runs/{study}/{run_id}/measures.json",
     log:

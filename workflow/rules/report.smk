@@ -6,11 +6,12 @@
 rule overview_notebook:
     input:
         template=notebook_template("overview"),
-        runs="results/tables/{study}/runs.csv",
-        correlation="results/tables/{study}/correlation.csv",
+        runs=rules.collect.output.runs,
+        correlation=rules.correlation.output.csv,
         figures=expand(
-            "results/figures/{{study}}/{figure}.png",
+            rules.figure.output.png,
             figure=["measure_vs_gap", "tau_psi"],
+            allow_missing=True,
         ),
     output:
         notebook="results/notebooks/{study}/overview.ipynb",
@@ -41,11 +42,8 @@ rule overview_notebook:
 rule validation_notebook:
     input:
         template=notebook_template("validation"),
-        tables=expand(
-            "results/tables/validation/{table}.csv",
-            table=["exactness", "invariance", "hutchinson", "cost"],
-        ),
-        figure="results/figures/validation/hutchinson_convergence.png",
+        tables=expand(rules.validation_model.output.csv, table=VALIDATION_TABLES),
+        figure=rules.hutchinson_figure.output.png,
     output:
         notebook="results/notebooks/validation.ipynb",
     log:

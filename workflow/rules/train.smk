@@ -6,7 +6,7 @@
 
 rule train:
     input:
-        data=study_prepared,
+        data=run_prepared,
     output:
         model="results/runs/{study}/{run_id}/model.pt",
         init="results/runs/{study}/{run_id}/init.pt",
@@ -23,8 +23,8 @@ rule train:
         runtime=res("train", "runtime"),
         gpu=gpus("train"),
     params:
-        spec=lambda wildcards: run_record(wildcards)["spec"],
-        train=lambda wildcards: run_record(wildcards)["train"],
+        spec=lambda wildcards: run_of(wildcards).spec,
+        train=lambda wildcards: run_of(wildcards).train,
         device=config["device"],
         version=code_version("train"),
     script:
@@ -40,4 +40,7 @@ rule estimate:
     log:
         "results/logs/estimate.log",
     run:
-        report_estimate(log[0])
+        text = estimate_text(config, RUNS)
+        print(text)
+        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(log[0]).write_text(text + "\n")

@@ -1,20 +1,23 @@
-# Stage 5: tables and a figure that check the method itself: exactness against the dense
-# autograd Hessian, invariance under function-preserving rescaling, Hutchinson convergence
-# to the exact trace, and the cost of every measure. Part of the default target.
+# Stage 5: tables and a figure that check the method itself (convflat.workflow
+# .VALIDATION_TABLES): exactness against the dense autograd Hessian, invariance under
+# function-preserving rescaling, Hutchinson convergence to the exact trace, and the cost of
+# every measure. Part of the default target.
 
 
-rule validation_exactness:
+rule validation_reference:
     output:
         csv=report(
-            "results/tables/validation/exactness.csv",
+            "results/tables/validation/{table}.csv",
             caption="../report/validation.rst",
             category="validation",
         ),
-        md="results/tables/validation/exactness.md",
+        md="results/tables/validation/{table}.md",
     log:
-        "results/logs/validation/exactness.log",
+        "results/logs/validation/{table}.log",
     benchmark:
-        "results/benchmarks/validation/exactness.tsv"
+        "results/benchmarks/validation/{table}.tsv"
+    wildcard_constraints:
+        table=tables_where(uses_model=False),
     conda:
         "../../envs/convflat.yaml"
     threads: res("validation", "threads")
@@ -22,8 +25,9 @@ rule validation_exactness:
         mem_mb=res("validation", "mem_mb"),
         runtime=res("validation", "runtime"),
     params:
-        table="exactness",
-        validation=validation_slice("exactness"),
+        table=lambda wildcards: wildcards.table,
+        caption=lambda wildcards: VALIDATION_TABLES[wildcards.table].caption,
+        validation=lambda wildcards: validation_slice(wildcards.table),
         device="cpu",
         version=code_version("validation"),
     script:
@@ -45,7 +49,7 @@ rule validation_model:
     benchmark:
         "results/benchmarks/validation/{table}.tsv"
     wildcard_constraints:
-        table="invariance|hutchinson|cost",
+        table=tables_where(uses_model=True),
     conda:
         "../../envs/convflat.yaml"
     threads: res("validation", "threads")
@@ -55,6 +59,7 @@ rule validation_model:
         gpu=gpus("measure"),
     params:
         table=lambda wildcards: wildcards.table,
+        caption=lambda wildcards: VALIDATION_TABLES[wildcards.table].caption,
         validation=lambda wildcards: validation_slice(wildcards.table),
         device=config["device"],
         version=code_version("validation"),
@@ -64,7 +69,7 @@ rule validation_model:
 
 rule hutchinson_figure:
     input:
-        table="results/tables/validation/hutchinson.csv",
+        table=rules.validation_model.output.csv.format(table="hutchinson"),
     output:
         png=report(
             "results/figures/validation/hutchinson_convergence.png",

@@ -1,33 +1,23 @@
-"""Rules figure / overall_figure / false_friend: one figure (PNG + PDF) of a study.
+"""Rules figure / overall_figure: one figure (PNG + PDF) of a study, or of all studies pooled.
 
-``measure_vs_gap`` and ``false_friend`` draw from the runs table, ``tau_psi`` and
-``psi_heatmap`` from the correlation table; convflat.analysis draws.
+The figure is drawn by its entry of convflat.workflow.FIGURES, from the tables it reads.
 """
 
-import sys
+from pathlib import Path
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import start
+from convflat.workflow import FIGURES, snakemake_from_argv, start
 
-log = start(snakemake)  # noqa: F821
-from pathlib import Path  # noqa: E402
 
-import convflat.analysis as A  # noqa: E402
+def main(snakemake):
+    log = start(snakemake)
+    figure = FIGURES[snakemake.params.figure]
+    inputs = {name: str(path) for name, path in snakemake.input.items()}
+    out = Path(snakemake.output.png).with_suffix("")
+    paths = figure.draw(inputs, out, snakemake.params.analysis)
+    log.info("wrote %s", [str(p) for p in paths])
 
-sm = snakemake  # noqa: F821
-cfg = sm.params.analysis
-figure = sm.params.figure
-out = Path(sm.output.png).with_suffix("")
-if figure == "measure_vs_gap":
-    paths = A.plot_measure_vs_gap(A.read_runs(sm.input.runs), out, target=cfg["targets"][0],
-                                  require_converged=cfg["require_converged"])
-elif figure == "false_friend":
-    paths = A.plot_false_friend(A.read_runs(sm.input.runs), out,
-                                require_converged=cfg["require_converged"])
-elif figure == "tau_psi":
-    paths = A.plot_tau_psi(sm.input.correlation, out)
-elif figure == "psi_heatmap":
-    paths = A.plot_psi_heatmap(sm.input.correlation, out)
-else:
-    raise ValueError(f"unknown figure {figure!r}")
-log.info("wrote %s", [str(p) for p in paths])
+
+if __name__ == "__main__":
+    if "snakemake" not in globals():  # run by hand (docs/workflow.md, "Debugging a job")
+        snakemake = snakemake_from_argv("figure")
+    main(snakemake)

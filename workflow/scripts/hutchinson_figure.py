@@ -1,22 +1,25 @@
 """Rule hutchinson_figure: hutchinson.csv -> hutchinson_convergence.{png,pdf}."""
 
-import sys
+from pathlib import Path
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import start
+import pandas as pd
 
-log = start(snakemake)  # noqa: F821
-from pathlib import Path  # noqa: E402
+from convflat.analysis import plot_hutchinson_convergence
+from convflat.workflow import snakemake_from_argv, start
 
-import pandas as pd  # noqa: E402
 
-from convflat.analysis import plot_hutchinson_convergence  # noqa: E402
+def main(snakemake):
+    log = start(snakemake)
+    df = pd.read_csv(snakemake.input.table)
+    exact = float(df["exact"].iloc[0])
+    title = (f"conv-layer Hessian trace of {snakemake.params.model}: estimates vs exact "
+             f"{exact:.4g}")
+    out = Path(snakemake.output.png).with_suffix("")
+    paths = plot_hutchinson_convergence(df, exact, out, title=title)
+    log.info("wrote %s", [str(p) for p in paths])
 
-sm = snakemake  # noqa: F821
-df = pd.read_csv(sm.input.table)
-exact = float(df["exact"].iloc[0])
-paths = plot_hutchinson_convergence(
-    df, exact, Path(sm.output.png).with_suffix(""),
-    title=f"conv-layer Hessian trace of {sm.params.model}: estimates vs exact {exact:.4g}",
-)
-log.info("wrote %s", [str(p) for p in paths])
+
+if __name__ == "__main__":
+    if "snakemake" not in globals():  # run by hand (docs/workflow.md, "Debugging a job")
+        snakemake = snakemake_from_argv("hutchinson_figure")
+    main(snakemake)

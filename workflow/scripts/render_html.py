@@ -1,22 +1,16 @@
 """Rule notebook_html: an executed notebook -> one self-contained HTML file (images inlined)."""
 
-import logging
-from pathlib import Path
+from convflat.workflow import render_html, snakemake_from_argv, start
 
-sm = snakemake  # noqa: F821
-log_path = Path(str(sm.log[0]))
-log_path.parent.mkdir(parents=True, exist_ok=True)
-logging.basicConfig(filename=log_path, filemode="w", level=logging.INFO, force=True)
 
-import os  # noqa: E402
+def main(snakemake):
+    log = start(snakemake, torch_threads=False)
+    size = render_html(snakemake.input.notebook, snakemake.output.html)
+    log.info("wrote %s (%d bytes) from %s", snakemake.output.html, size,
+             snakemake.input.notebook)
 
-import nbformat  # noqa: E402
-from nbconvert import HTMLExporter  # noqa: E402
 
-nb = nbformat.read(sm.input.notebook, as_version=4)
-exporter = HTMLExporter(embed_images=True)
-html, _ = exporter.from_notebook_node(nb)
-tmp = Path(sm.output.html).with_name(f".{Path(sm.output.html).name}.tmp")
-tmp.write_text(html)
-os.replace(tmp, sm.output.html)  # no torch import here: convflat.io would cost seconds
-logging.info("wrote %s (%d bytes) from %s", sm.output.html, len(html), sm.input.notebook)
+if __name__ == "__main__":
+    if "snakemake" not in globals():  # run by hand (docs/workflow.md, "Debugging a job")
+        snakemake = snakemake_from_argv("notebook_html")
+    main(snakemake)

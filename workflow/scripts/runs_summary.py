@@ -1,17 +1,20 @@
 """Rule runs_summary: runs.csv -> runs_summary.{csv,md,tex} (every run, metrics, our measures)."""
 
-import sys
+from pathlib import Path
 
-sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import start
+from convflat.analysis import read_runs, write_runs_summary
+from convflat.workflow import snakemake_from_argv, start
 
-log = start(snakemake)  # noqa: F821
-from pathlib import Path  # noqa: E402
 
-from convflat.analysis import read_runs, write_runs_summary  # noqa: E402
+def main(snakemake):
+    log = start(snakemake)
+    prefix = Path(snakemake.output.csv).with_suffix("")
+    paths = write_runs_summary(read_runs(snakemake.input.runs), prefix,
+                               require_converged=snakemake.params.analysis["require_converged"])
+    log.info("wrote %s", [str(p) for p in paths])
 
-sm = snakemake  # noqa: F821
-prefix = Path(sm.output.csv).with_suffix("")
-paths = write_runs_summary(read_runs(sm.input.runs), prefix,
-                           require_converged=sm.params.analysis["require_converged"])
-log.info("wrote %s", [str(p) for p in paths])
+
+if __name__ == "__main__":
+    if "snakemake" not in globals():  # run by hand (docs/workflow.md, "Debugging a job")
+        snakemake = snakemake_from_argv("runs_summary")
+    main(snakemake)

@@ -16,12 +16,15 @@ per trained run. Columns are recognised by name:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from convflat.io import METRICS, atomic_write_text
 
 MEASURE_PREFIX = "m_"
 AXIS_PREFIX = "hp_"
@@ -122,10 +125,12 @@ class RunSelection:
 
     @property
     def n_runs(self) -> int:
+        """Runs kept."""
         return len(self.runs)
 
     @property
     def n_excluded(self) -> int:
+        """Runs left out."""
         return self.n_total - len(self.runs)
 
     def summary(self) -> str:
@@ -169,6 +174,52 @@ def read_runs(path: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"runs table {path} does not exist")
     return pd.read_csv(path)
+
+
+def build_runs_table(study: str, run_ids: Sequence[str], hps: Mapping[str, Mapping[str, Any]],
+                     records: Sequence[Mapping[str, Any]],
+                     measured: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The runs table of a study from its runs' train.json and measures.json contents.
+
+    One row per run of ``run_ids`` (``records`` and ``measured`` in the same order; ``hps``
+    maps each run id to its ``{axis: value}``), whatever happened to it. Columns, in order:
+    ``run_id``, ``study``, ``status`` (the training status ok / diverged / failed, or
+    "failed" when training was ok but measuring failed as a whole), ``converged`` (and
+    status ok), ``hp_<axis>``, the metrics (:data:`convflat.io.METRICS`), ``m_<measure>``
+    for every measure any run asked for (in the order of the first run that has it; NaN
+    for a measure that failed or was skipped), then ``epochs_run``, ``stop_reason``,
+    ``train_seconds``, ``measure_seconds``, ``failed_measures`` (``;``-separated) and
+    ``error`` (why a run is not ok).
+    """
+    if not len(run_ids) == len(records) == len(measured):
+        raise ValueError(f"{len(run_ids)} run ids, {len(records)} training records and "
+                         f"{len(measured)} measure records: they must match")
+    names = list(dict.fromkeys(n for m in measured for n in (m.get("measures") or {})))
+    rows = []
+    for run_id, rec, mea in zip(run_ids, records, measured, strict=True):
+        status, error = rec.get("status") or "failed", rec.get("error")
+        if status == "ok" and mea.get("status") != "ok":
+            status, error = "failed", f"measures: {mea.get('error')}"
+        row = {"run_id": run_id, "study": study, "status": status,
+               "converged": bool(rec.get("converged")) and status == "ok"}
+        row.update({f"{AXIS_PREFIX}{axis}": value for axis, value in hps[run_id].items()})
+        row.update({k: rec.get(k) for k in METRICS})
+        values = mea.get("values") or {}
+        row.update({f"{MEASURE_PREFIX}{name}": values.get(name) for name in names})
+        row.update({"epochs_run": rec.get("epochs_run"), "stop_reason": rec.get("stop_reason"),
+                    "train_seconds": rec.get("seconds"), "measure_seconds": mea.get("seconds"),
+                    "failed_measures": ";".join(mea.get("failed") or []), "error": error})
+        rows.append(row)
+    runs = pd.DataFrame(rows)
+    for col in [c for c in runs.columns if c.startswith(MEASURE_PREFIX)] + list(METRICS):
+        runs[col] = pd.to_numeric(runs[col], errors="coerce")
+    return runs
+
+
+def write_runs_table(runs: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a runs table atomically as CSV (floats to 10 significant digits), as the collect
+    step does; :func:`read_runs` reads it back."""
+    return atomic_write_text(path, runs.to_csv(index=False, float_format="%.10g"))
 
 
 def combine_runs(sources: Sequence[str | os.PathLike | pd.DataFrame]) -> pd.DataFrame:
