@@ -100,3 +100,47 @@ def test_measures_move_or_stay_as_theory_predicts(trained):
         assert table.loc[name, "changed"], (name, table.loc[name, "relative_change"])
         assert table.loc[name, "relative_change"] > 1e-2, name
     assert table.loc[[*STAY, *MOVE], "agrees"].all()
+
+
+@pytest.fixture(scope="module")
+def trained_bn():
+    """The quick study's gapcnn with BatchNorm (width 8, depth 3), trained in train mode so
+    that the running statistics and affine parameters are far from the identity."""
+    from convflat.models import build_model
+
+    torch.manual_seed(3)
+    model = build_model({"family": "gapcnn", "in_channels": 1, "num_classes": 10,
+                         "image_size": [8, 8], "width": 8, "depth": 3, "batchnorm": True})
+    init = copy.deepcopy(model).double().eval()
+    x, y = digits(300)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(120):
+        loss = F.cross_entropy(model(x.float()), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model = model.double().eval()
+    acc = float((model(x).argmax(1) == y).double().mean())
+    assert acc > 0.8, f"training failed to fit: accuracy {acc:.2f}"
+    return model, init, x, y
+
+
+def test_batchnorm_rescaling_leaves_every_invariant_measure_unchanged(trained_bn):
+    """On a BN net the invariance table rescales every conv with its BN's running statistics
+    and the last BN's affine against the classifier (rescale_batchnorm, chosen by "auto");
+    every measure registered invariant must stay (folded path norm included), every one
+    registered "changes" must move (the rescaling is not the identity on what they see)."""
+    model, init, x, y = trained_bn
+    table = invariance_table(model, (x, y), init_model=init, names="all", params=CHEAP,
+                             seed=0, device="cpu").set_index("measure")
+    assert set(table.index) == set(MEASURES)
+    assert (table["status"] == "ok").all(), table[table["status"] != "ok"]
+    invariant = [n for n, m in MEASURES.items() if m.theory == "invariant"]
+    assert "path_norm" in invariant and len(invariant) >= 6
+    for name in invariant:
+        assert table.loc[name, "relative_change"] < 1e-6, (name,
+                                                           table.loc[name, "relative_change"])
+    for name in [n for n, m in MEASURES.items() if m.theory == "changes"]:
+        assert table.loc[name, "relative_change"] > 1e-2, (name,
+                                                           table.loc[name, "relative_change"])
