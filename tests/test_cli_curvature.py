@@ -48,12 +48,16 @@ def test_measures_a_convflat_checkpoint_and_matches_autograd(digits, ckpt, tmp_p
     m = rec["measures"]
     assert rec["status"] == "ok" and rec["torch_version"] == torch.__version__
     assert m["n_samples"] == 40 and len(m["block_traces"]) == m["n_filters"]
-    # independent reference: the dense Hessian of the float64 model on the same 40 samples
+    # independent reference: the dense Hessian of the float64 model on the same 40 samples,
+    # the seeded subset the workflow draws (seed 0), not the first 40
     x, y = digits.tensors("train", dtype=torch.float64)
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:40]
+    assert rec["data"]["subset_seed"] == 0 and rec["data"]["max_samples"] == 40
+    x, y = x[idx], y[idx]
     m64 = model.double().eval()
-    H = autograd_kernel_hessian(m64, m["layer"], x[:40], y[:40])
+    H = autograd_kernel_hessian(m64, m["layer"], x, y)
     assert m["trace"] == pytest.approx(float(H.diagonal().sum()), rel=1e-5)
-    loss = float(F.cross_entropy(m64(x[:40]).detach(), y[:40]))
+    loss = float(F.cross_entropy(m64(x).detach(), y))
     assert m["loss"] == pytest.approx(loss, rel=1e-5)
 
 
@@ -86,7 +90,7 @@ def test_errors_name_the_problem(digits, ckpt, tmp_path, capsys):
 
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     code, _, err = run(["curvature", "--checkpoint", str(tmp_path / "junk.pt"), *data], capsys)
-    assert code == 2 and "not a convflat checkpoint" in err
+    assert code == 2 and "not a convflat or torch checkpoint" in err
 
     # squeezenet ends in conv -> ReLU -> GAP with no nn.Linear: outside the class
     sq = torchvision.models.squeezenet1_1(weights=None, num_classes=10)
@@ -99,7 +103,7 @@ def test_errors_name_the_problem(digits, ckpt, tmp_path, capsys):
     path, _ = ckpt
     code, _, err = run(["curvature", "--checkpoint", str(path), *data, "--max-samples", "0"],
                        capsys)
-    assert code == 2 and "--max-samples must be positive" in err
+    assert code == 2 and "--max-samples: must be a positive integer, got 0" in err
 
     model = build_model({"family": "gapcnn", "width": 4, "depth": 2, "in_channels": 1,
                          "num_classes": 10})

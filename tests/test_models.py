@@ -67,7 +67,8 @@ def test_build_is_seeded():
     a = build_model(spec)
     torch.manual_seed(3)
     b = build_model(spec)
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(p, q)
+               for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_gapcnn_downsampling_rule():
@@ -160,7 +161,7 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00\x01 not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt is not a convflat checkpoint"):
+    with pytest.raises(ValueError, match="not a convflat or torch checkpoint: .*junk.pt"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save(model.state_dict(), tmp_path / "plain.pt")  # a bare state_dict
     with pytest.raises(ValueError, match="plain.pt is not a convflat checkpoint"):

@@ -2,7 +2,8 @@
 
 Every family ends in ::
 
-    last conv -> [BatchNorm] (-> + residual) -> activation -> AdaptiveAvgPool2d(1) -> Flatten -> Linear
+    last conv -> [BatchNorm] (-> + residual) -> activation -> AdaptiveAvgPool2d(1)
+        -> Flatten -> Linear
 
 so that the last convolution feeds global average pooling and a linear classifier, the class
 :func:`convflat.curvature.exact_curvature` measures in closed form. Everything after that conv
@@ -41,6 +42,7 @@ conv then sees the whole image.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +243,7 @@ class GapCNN(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, K)."""
         return self.classifier(self.flatten(self.pool(self.features(x))))
 
 
@@ -271,6 +274,7 @@ class BasicBlock(nn.Module):
         self.act2 = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, K)."""
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.act2(out + self.shortcut(x))
@@ -293,6 +297,7 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, K)."""
         a = self.act1(self.bn1(x))
         skip = self.shortcut(a) if self.project else x
         out = self.conv2(self.act2(self.bn2(self.conv1(a))))
@@ -334,6 +339,7 @@ class ResNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, K)."""
         h = self.layers(self.stem(x))
         if self.preact:
             h = self.final(h)
@@ -427,27 +433,79 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> n
     return model
 
 
+def check_head(spec: dict[str, Any]):
+    """The :class:`convflat.curvature.Head` of the model ``spec`` describes, or
+    :class:`convflat.curvature.OutOfClassError` naming the op that puts it outside the class
+    ``convflat curvature`` measures (e.g. torchvision's vgg: a MaxPool2d after the last conv;
+    squeezenet: its last conv is the classifier, no linear layer after the pooling).
+
+    The check is structural (a ``torch.fx`` trace), so the model is built on the meta device
+    (no memory, no initialisation cost) where its constructor allows, else on the CPU.
+    """
+    from convflat.curvature import find_head
+
+    spec = normalize_spec(spec)
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+    except (NotImplementedError, RuntimeError):  # a constructor that copies data (regnet)
+        model = build_model(spec)
+    return find_head(model)
+
+
+def load_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error for a file that is not
+    a torch file (truncated, text, garbage, a directory): ``ValueError("not a convflat or
+    torch checkpoint: <path>")``. A torch file that holds Python objects besides tensors (a
+    whole pickled model) is refused with its own message: convflat never unpickles code."""
+    import warnings
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"not a convflat or torch checkpoint: {path} is a directory")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # the unpickler warns about foreign pickle protocols
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip, EOF, OS and unpickling errors alike
+        if isinstance(exc, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                if any(n.endswith("data.pkl") for n in zf.namelist()):
+                    raise ValueError(
+                        f"{path} is a torch file that holds Python objects besides tensors (a "
+                        "pickled model?); convflat reads only tensors and plain containers "
+                        "(torch.load weights_only=True): save model.state_dict() instead"
+                    ) from exc
+        raise ValueError(f"not a convflat or torch checkpoint: {path}") from exc
+
+
 def load_checkpoint(path: str | os.PathLike,
                     map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint's spec describes and load its weights; the model is
     returned in eval mode, with the whole checkpoint dict.
 
-    Errors: FileNotFoundError for a missing file; ValueError for a file that is not a convflat
-    checkpoint, a bad spec, or a ``state_dict`` that does not fit the spec (naming the first
-    mismatching key).
+    Errors: FileNotFoundError for a missing file; ValueError for a file that is not a torch
+    file ("not a convflat or torch checkpoint: <path>"), a torch file that is not a convflat
+    checkpoint, the stand-in of a failed run, a bad spec, or a ``state_dict`` that does not fit
+    the spec (naming the first mismatching key).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling, zip and EOF errors alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} is not a convflat checkpoint (torch.load failed: {first})") from exc
+    ckpt = load_torch_file(path, map_location)
+    if isinstance(ckpt, dict) and ckpt.get("format") == "convflat-failed/1":
+        raise ValueError(f"{path} stands in for the model of a failed run: "
+                         f"{ckpt.get('error') or 'no error recorded'}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        hint = ""
+        if isinstance(ckpt, dict) and found is None and ckpt and all(
+                isinstance(v, torch.Tensor) for v in ckpt.values()):
+            hint = " (a plain state_dict: give its architecture, e.g. `convflat curvature " \
+                   "--arch resnet18`)"
         raise ValueError(f"{path} is not a convflat checkpoint: expected a dict with format "
-                         f"{MODEL_FORMAT!r}, found {found!r}")
+                         f"{MODEL_FORMAT!r}, found {found!r}{hint}")
     for key in ("spec", "state_dict"):
         if key not in ckpt:
             raise ValueError(f"{path}: checkpoint lacks key {key!r}")

@@ -2,8 +2,13 @@
 
 Each module in this package that defines ``register(subparsers)`` adds one subcommand
 (``convflat curvature``, ``convflat train``, ...). ``register`` must add a parser and set its
-``func`` default to a callable ``func(args) -> int``. Errors that a user can fix are raised as
-:class:`CLIError` (or ValueError/FileNotFoundError) and printed as one line, without a traceback.
+``func`` default to a callable ``func(args) -> int``. Modules whose name starts with ``_``
+hold shared helpers. No module imports torch before ``func`` runs, so ``--help`` is fast.
+
+Exit status: 0 success; 1 the work ran but part of it failed (``convflat measure`` with a
+failed measure); 2 a user error (bad flag value, missing or unreadable file, unwritable
+output, a model outside the measured class): one line on stderr, no traceback; 130
+interrupted (Ctrl-C), also without a traceback.
 """
 
 from __future__ import annotations
@@ -18,10 +23,24 @@ class CLIError(Exception):
     """An error in the user's input: printed without a traceback, exit status 2."""
 
 
+#: Exceptions printed as one line with exit status 2. OutOfClassError is a ValueError.
+USER_ERRORS = (CLIError, ValueError, FileNotFoundError, IsADirectoryError,
+               NotADirectoryError, PermissionError)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (``convflat train: error: ...``)
+    with exit status 2, like every other user error."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's hook)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``convflat`` parser with every subcommand of this package registered."""
     import convflat
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="convflat",
         description="Exact flatness of CNNs whose last convolution feeds global average pooling.",
     )
@@ -38,12 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Parse ``argv`` and run the subcommand; return the exit status (see the module doc)."""
+    command = "convflat"
     try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, --version, a usage error (one line, status 2)
+            return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+        command = f"convflat {args.command}"
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError) as exc:
-        print(f"convflat {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nconvflat: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{command}: error: {text}", file=sys.stderr)
         return 2
 
 

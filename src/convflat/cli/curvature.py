@@ -5,6 +5,9 @@ Examples::
     convflat curvature --checkpoint results/runs/quick/.../model.pt --data sklearn-digits
     convflat curvature --checkpoint resnet18.pth --arch resnet18 --num-classes 10 \\
         --data cifar10 --root data --max-samples 5000 --out resnet18_curvature.json
+
+``--max-samples N`` measures on the seeded random subset the workflow's jobs use
+(:func:`convflat.data.seeded_subset`, seed ``--subset-seed``, default 0), not the first N.
 """
 
 from __future__ import annotations
@@ -13,12 +16,18 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from convflat.cli import CLIError
+from convflat.cli._args import (
+    add_measure_data_arguments,
+    check_output_file,
+    device,
+    load_measure_data,
+    positive_int,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``convflat curvature``."""
     p = sub.add_parser(
         "curvature",
         help="exact Hessian trace and relative flatness of the conv that feeds GAP",
@@ -32,45 +41,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="convflat model.pt, or a torchvision state_dict file with --arch")
     p.add_argument("--arch", help="torchvision architecture of a plain state_dict "
                    "(resnet18, resnet50, mobilenet_v2, ...)")
-    p.add_argument("--num-classes", type=int, help="classes of the --arch model "
+    p.add_argument("--num-classes", type=positive_int, help="classes of the --arch model "
                    "(default: those of the dataset)")
-    p.add_argument("--data", required=True,
-                   help="a prepared .pt file, or a dataset name: sklearn-digits, mnist, "
-                   "fashion-mnist, kmnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH")
-    p.add_argument("--root", default="data", type=Path, help="dataset root (default: data)")
-    p.add_argument("--no-download", action="store_true", help="never touch the network")
-    p.add_argument("--split", default="train", choices=["train", "test", "train_clean"],
-                   help="which split to measure on (default: train, as the paper)")
-    p.add_argument("--max-samples", type=int, help="measure on the first N samples only")
-    p.add_argument("--batch-size", type=int, default=256)
+    add_measure_data_arguments(p, subset_seed_help="seed of the --max-samples subset "
+                               "(default 0, the workflow's default measure seed)")
+    p.add_argument("--batch-size", type=positive_int, default=256, metavar="N",
+                   help="samples per batch (default: 256)")
     p.add_argument("--layer", help="conv module to measure (default: found automatically)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device, default="auto",
+                   help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                    help="precision of the per-sample products (sums are float64)")
     p.add_argument("--route", default="auto", choices=["auto", "gram", "direct"])
     p.add_argument("--blocks", action="store_true", help="include the C x C block traces")
     p.add_argument("--out", type=Path, help="JSON file to write (default: print to stdout)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument("--progress", action="store_true",
+                   help="show a progress bar (batches done of the total)")
     p.set_defaults(func=run)
-
-
-def _load_data(args):
-    from convflat import data as cfdata
-
-    spec = str(args.data)
-    if spec.endswith(".pt"):
-        prepared = cfdata.load_prepared(spec)
-    else:
-        path = cfdata.prepare(spec, root=args.root, download=not args.no_download)
-        prepared = cfdata.load_prepared(path)
-    x, y = prepared.tensors(args.split)
-    if args.max_samples is not None:
-        if args.max_samples <= 0:
-            raise CLIError(f"--max-samples must be positive, got {args.max_samples}")
-        x, y = x[: args.max_samples], y[: args.max_samples]
-    if x.shape[0] == 0:
-        raise CLIError(f"dataset {spec!r} has no samples in split {args.split!r}")
-    return prepared, x, y
 
 
 def _load_model(args, num_classes: int, in_channels: int):
@@ -79,15 +66,10 @@ def _load_model(args, num_classes: int, in_channels: int):
     if args.arch is None:
         model, ckpt = models.load_checkpoint(args.checkpoint)
         return model, ckpt["spec"]
-    if not args.checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     spec = {"family": "torchvision", "arch": args.arch,
             "num_classes": args.num_classes or num_classes, "in_channels": in_channels}
+    state = models.load_torch_file(args.checkpoint)
     model = models.build_model(spec)
-    try:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CLIError(f"{args.checkpoint}: torch.load failed: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -96,12 +78,29 @@ def _load_model(args, num_classes: int, in_channels: int):
     return model.eval(), spec
 
 
+def _batches(x, y, batch_size: int, progress: bool, desc: str):
+    """The (x, y) batches, behind a progress bar that knows their total."""
+    from tqdm.auto import tqdm
+
+    batches = [(x[i:i + batch_size], y[i:i + batch_size])
+               for i in range(0, int(x.shape[0]), batch_size)]
+    return tqdm(batches, total=len(batches), desc=desc, unit="batch", disable=not progress,
+                leave=False)
+
+
 def run(args) -> int:
-    from convflat.curvature import exact_curvature
+    """Measure and write (or print) the JSON record."""
+    import torch
+
+    from convflat.curvature import exact_curvature, find_head
     from convflat.io import atomic_write_json, provenance, resolve_device
 
+    if not args.data:
+        raise CLIError("--data is required")
+    check_output_file(args.out)
     start = time.perf_counter()
-    prepared, x, y = _load_data(args)
+    subset_seed = 0 if args.subset_seed is None else args.subset_seed
+    prepared, x, y = load_measure_data(args, subset_seed)
     model, spec = _load_model(args, prepared.num_classes, prepared.in_channels)
     first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if first is not None and first.in_channels != x.shape[1]:
@@ -109,18 +108,24 @@ def run(args) -> int:
             f"the model's first conv expects {first.in_channels} input channels but "
             f"{args.data} has {x.shape[1]}"
         )
-    device = resolve_device(args.device)
+    dev = resolve_device(args.device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    res = exact_curvature(
-        model, (x, y), layer=args.layer, device=device, dtype=dtype,
-        batch_size=args.batch_size, route=args.route, progress=args.progress,
-    )
+    head = find_head(model, layer=args.layer)  # refuses an out-of-class model before the work
+    bar = _batches(x, y, args.batch_size, args.progress,
+                   desc=f"exact curvature [{head.conv_name}]")
+    try:
+        res = exact_curvature(model, bar, layer=args.layer, device=dev, dtype=dtype,
+                              route=args.route)
+    finally:
+        bar.close()
     out = {
         "measures": res.to_dict(include_blocks=args.blocks),
         "checkpoint": str(args.checkpoint),
         "spec": spec,
-        "data": {**prepared.describe(), "split": args.split, "n_measured": int(x.shape[0])},
-        **provenance(device=device, seconds=time.perf_counter() - start),
+        "data": {**prepared.describe(), "split": args.split, "n_measured": int(x.shape[0]),
+                 "max_samples": args.max_samples,
+                 "subset_seed": subset_seed if args.max_samples is not None else None},
+        **provenance(device=dev, seconds=time.perf_counter() - start),
     }
     if args.out:
         atomic_write_json(args.out, out)

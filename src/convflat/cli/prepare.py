@@ -2,9 +2,9 @@
 
 Examples::
 
-    convflat prepare --dataset sklearn-digits                 # -> data/prepared/sklearn-digits.pt
-    convflat prepare --dataset cifar10 --root data --subset 5000 --label-noise 0.2 --seed 1
-    convflat prepare --dataset npz:my_images.npz --test-fraction 0.25 --out data/prepared/mine.pt
+    convflat prepare --data sklearn-digits                 # -> data/prepared/sklearn-digits.pt
+    convflat prepare --data cifar10 --root data --subset 5000 --label-noise 0.2 --seed 1
+    convflat prepare --data npz:my_images.npz --test-fraction 0.25 --out data/prepared/mine.pt
 """
 
 from __future__ import annotations
@@ -13,22 +13,30 @@ import argparse
 import logging
 from pathlib import Path
 
+from convflat.cli._args import (
+    add_data_argument,
+    add_source_arguments,
+    check_output_file,
+    non_negative_int,
+    positive_int,
+)
+
 
 def add_data_arguments(p: argparse.ArgumentParser, *, seed_flag: str = "--seed") -> None:
-    """The dataset options shared by ``prepare`` and ``train``."""
-    p.add_argument("--dataset", required=True,
-                   help="a prepared .pt file, or a dataset name: sklearn-digits, mnist, "
-                   "fashion-mnist, kmnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH")
-    p.add_argument("--root", type=Path, default=Path("data"),
-                   help="where torchvision datasets live and prepared files go (default: data)")
-    p.add_argument("--no-download", action="store_true",
-                   help="never touch the network (a missing torchvision dataset is an error)")
-    p.add_argument("--subset", type=int, help="keep this many training images (drawn uniformly)")
-    p.add_argument("--label-noise", type=float, default=0.0,
+    """The dataset options shared by ``prepare`` and ``train``: ``--data`` (alias
+    ``--dataset``), ``--root``, ``--no-download``, ``--subset``, ``--label-noise``, the seed
+    and ``--test-fraction``."""
+    add_data_argument(p)
+    add_source_arguments(p)
+    p.add_argument("--subset", type=positive_int, metavar="N",
+                   help="keep this many training images (drawn uniformly)")
+    p.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of training labels replaced by a different class (default 0)")
-    p.add_argument(seed_flag, dest="data_seed", type=int, default=0,
-                   help="seed of the split (digits, npz x/y), the subset and the label noise")
-    p.add_argument("--test-fraction", type=float, default=0.2,
+    p.add_argument(seed_flag, dest="data_seed", type=non_negative_int, default=0,
+                   metavar="SEED",
+                   help="seed of the split (digits, npz x/y), the subset and the label noise "
+                        "(default 0)")
+    p.add_argument("--test-fraction", type=float, default=0.2, metavar="FRACTION",
                    help="test share of each class when a source has no split (default 0.2)")
 
 
@@ -36,7 +44,7 @@ def load_data(args: argparse.Namespace, out: Path | None = None):
     """A prepared ``.pt`` file as is, or a dataset name prepared (or reused) under --root."""
     from convflat import data
 
-    name = str(args.dataset)
+    name = str(args.data)
     if name.endswith(".pt") and ":" not in name:
         if args.subset is not None or args.label_noise:
             raise ValueError("--subset and --label-noise apply when preparing a dataset, not to "
@@ -50,6 +58,7 @@ def load_data(args: argparse.Namespace, out: Path | None = None):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``convflat prepare``."""
     p = sub.add_parser(
         "prepare",
         help="turn a dataset into one canonical tensor file (uint8 images, labels, split)",
@@ -66,10 +75,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Prepare (or reuse) the file and print what it holds."""
+    from convflat import data
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if str(args.dataset).endswith(".pt"):
-        raise ValueError("--dataset names a source to prepare, not a prepared .pt file")
-    prepared = load_data(args, out=args.out)
+    if str(args.data).endswith(".pt") and ":" not in str(args.data):
+        raise ValueError("--data names a source to prepare, not a prepared .pt file")
+    out = args.out or data.default_path(
+        args.data, root=args.root, subset=args.subset, label_noise=args.label_noise,
+        seed=args.data_seed, test_fraction=args.test_fraction)
+    check_output_file(out)
+    prepared = load_data(args, out=out)
     info = prepared.describe()
     print(f"{prepared.path}: {info['n_train']} train / {info['n_test']} test images of shape "
           f"{tuple(info['image_shape'])}, {info['num_classes']} classes, "

@@ -2,96 +2,173 @@
 
 Examples::
 
-    convflat train --dataset sklearn-digits --family gapcnn --width 16 --depth 3 \\
+    convflat train --data sklearn-digits --family gapcnn --width 16 --depth 3 \\
         --epochs 40 --stop-loss 0.01 --batch-size 64 --lr 0.05 --out results/runs/quick/run0
-    convflat train --dataset cifar10 --family resnet --depth 20 --preact \\
+    convflat train --data cifar10 --family resnet --depth 20 --preact \\
         --epochs 200 --weight-decay 5e-4 --out results/runs/cifar/resnet20
-    convflat train --dataset cifar10 --family torchvision --arch resnet18 --out runs/r18
+    convflat train --data cifar10 --family torchvision --arch resnet18 --out runs/r18
 
-A run killed and started again with the same command resumes from its last epoch.
+A run killed and started again with the same command resumes from its last epoch. A run
+directory that already holds this run, finished, is skipped (and says so); one that holds a
+run with other settings is refused unless ``--overwrite``, which first removes convflat's
+files from it (model.pt, init.pt, checkpoint.pt, train.json, measures.json, ...).
+
+Before the first epoch the model's head is checked (:func:`convflat.models.check_head`): a
+model that ``convflat curvature`` would refuse is refused here too, naming the op, unless
+``--no-check-head``.
+
+The training flags are made from :class:`convflat.train.TrainConfig`'s fields (name, type,
+default, ``metadata["help"]``), read from the source of ``convflat/train.py`` so that
+``convflat train --help`` does not import torch; tests/test_cli_train.py checks them against
+the dataclass itself.
+
 Exit status 0 also for a diverged run (``status: "diverged"`` in train.json); 2 for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from convflat.cli import CLIError
+from convflat.cli._args import check_output_dir, device, non_negative_int, positive_int
 from convflat.cli.prepare import add_data_arguments, load_data
 
-# Help text (with units) of every TrainConfig field; each field becomes a --flag.
-CONFIG_HELP = {
-    "epochs": "epochs to run; with --stop-loss, the cap (default 30)",
-    "stop_loss": "stop after the first epoch whose train cross-entropy (eval mode, full "
-                 "split, nats) is below this, e.g. 0.01 (default: run all epochs)",
-    "batch_size": "images per step (default 128)",
-    "optimizer": "sgd (momentum) or adam (default sgd)",
-    "lr": "peak learning rate (default 0.1)",
-    "momentum": "SGD momentum / Adam beta1 (default 0.9)",
-    "nesterov": "Nesterov momentum (SGD)",
-    "weight_decay": "L2 coefficient (default 5e-4)",
-    "schedule": "learning-rate schedule: constant, step or cosine (default cosine)",
-    "warmup_epochs": "linear warm-up length in epochs (default 0)",
-    "step_milestones": "step schedule: fractions of --epochs at which lr decays "
-                       "(default 0.5 0.75)",
-    "step_gamma": "step schedule: decay factor (default 0.1)",
-    "crop_padding": "random crop after zero-padding by this many pixels; 0 turns it off "
-                    "(default: the dataset's, 4 for CIFAR, 0 for digits)",
-    "flip": "random horizontal flips (default: the dataset's, on for CIFAR-10/100)",
-    "seed": "seed of the initial weights, data order, augmentation and dropout (default 0)",
-    "amp": "on CUDA, bf16 autocast for the training steps (default on)",
-    "channels_last": "train in the channels-last memory format (default on)",
-    "eval_batch_size": "images per forward pass when measuring losses (default 1000)",
-    "device": "auto, cpu, cuda, cuda:1, ... (default auto)",
-}
-
-CHOICES = {"optimizer": ["sgd", "adam"], "schedule": ["constant", "step", "cosine"]}
-
 MODEL_FLAGS = {  # flag -> (spec key, argparse kwargs)
-    "--width": ("width", {"type": int, "help": "channels of the first stage"}),
-    "--depth": ("depth", {"type": int, "help": "gapcnn: conv layers; resnet: 6n+2, 10, 18, 34"}),
+    "--width": ("width", {"type": positive_int, "help": "channels of the first stage"}),
+    "--depth": ("depth", {"type": positive_int,
+                          "help": "gapcnn: conv layers; resnet: 6n+2, 10, 18, 34"}),
     "--batchnorm": ("batchnorm", {"action": argparse.BooleanOptionalAction,
                                   "help": "gapcnn: BatchNorm after each conv (default on)"}),
     "--dropout": ("dropout", {"type": float, "help": "gapcnn: dropout probability"}),
     "--activation": ("activation", {"choices": ["relu", "gelu", "silu"]}),
     "--preact": ("preact", {"action": argparse.BooleanOptionalAction,
                             "help": "resnet: pre-activation blocks"}),
-    "--arch": ("arch", {"help": "torchvision architecture (resnet18, resnet50, mobilenet_v2, ...)"}),
+    "--arch": ("arch", {"help": "torchvision architecture (resnet18, resnet50, mobilenet_v2, "
+                                "...; not vgg, squeezenet, densenet: see --no-check-head)"}),
 }
 
+#: TrainConfig integer fields that may be 0 (every other integer field must be positive).
+_NON_NEGATIVE = {"seed", "crop_padding"}
 
-def _config_argument(p: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+#: Files a run directory may hold that belong to the run; --overwrite removes exactly these.
+RUN_FILES = ("model.pt", "init.pt", "checkpoint.pt", "train.json", "checkpoint.stale.pt",
+             "measures.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigField:
+    """One TrainConfig field as the command line needs it."""
+
+    name: str
+    annotation: str    # as written in the source: "int", "float | None", "tuple[float, ...]"
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+def _fields_from_source() -> list[ConfigField]:
+    """TrainConfig's fields read from convflat/train.py's syntax tree, without importing it
+    (which would import torch). Each field must be ``name: type = _option(default, help,
+    [choices=CONSTANT])`` with literal default and help; anything else raises."""
+    spec = importlib.util.find_spec("convflat.train")
+    if spec is None or not spec.origin:
+        raise LookupError("convflat.train has no source file")
+    tree = ast.parse(Path(spec.origin).read_text())
+    constants: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and \
+                isinstance(node.targets[0], ast.Name):
+            try:
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+    fields = []
+    for node in cls.body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        call = node.value
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+                and call.func.id == "_option" and len(call.args) == 2):
+            raise LookupError(f"TrainConfig.{ast.unparse(node.target)} is not an _option(...)")
+        choices = None
+        for kw in call.keywords:
+            if kw.arg == "choices":
+                choices = tuple(constants[kw.value.id] if isinstance(kw.value, ast.Name)
+                                else ast.literal_eval(kw.value))
+        fields.append(ConfigField(node.target.id, ast.unparse(node.annotation),
+                                  ast.literal_eval(call.args[0]),
+                                  ast.literal_eval(call.args[1]), choices))
+    return fields
+
+
+def _fields_from_class() -> list[ConfigField]:
+    from convflat.train import TrainConfig
+
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        out.append(ConfigField(f.name, str(f.type), f.default, meta.get("help", ""),
+                               tuple(meta["choices"]) if meta.get("choices") else None))
+    return out
+
+
+def config_fields() -> list[ConfigField]:
+    """TrainConfig's fields: from the class if convflat.train is already imported, else from
+    its source (so that ``--help`` does not import torch), else from the class after all."""
+    if "convflat.train" in sys.modules:
+        return _fields_from_class()
+    try:
+        return _fields_from_source()
+    except (LookupError, ValueError, SyntaxError, StopIteration, KeyError, OSError):
+        return _fields_from_class()
+
+
+def _config_argument(p, field: ConfigField) -> None:
     flag = "--" + field.name.replace("_", "-")
-    kind = str(field.type)
-    kw: dict = {"dest": f"cfg_{field.name}", "default": None, "help": CONFIG_HELP[field.name]}
-    if kind == "str" and field.name not in CHOICES:
-        kw["metavar"] = field.name.upper()
+    kind = field.annotation.replace(" ", "")
+    default_text = field.default
+    if isinstance(field.default, tuple):
+        default_text = " ".join(f"{v:g}" for v in field.default)
+    help_text = field.help + ("" if field.default is None else f" (default: {default_text})")
+    kw: dict[str, Any] = {"dest": f"cfg_{field.name}", "default": field.default,
+                          "help": help_text.replace("%", "%%")}
     if kind.startswith("bool"):
         kw["action"] = argparse.BooleanOptionalAction
     elif kind.startswith("tuple"):
         kw.update(type=float, nargs="*", metavar="FRACTION")
     elif kind.startswith("int"):
-        kw.update(type=int, metavar="N")
+        kw.update(type=non_negative_int if field.name in _NON_NEGATIVE else positive_int,
+                  metavar="N")
     elif kind.startswith("float"):
         kw.update(type=float, metavar="X")
-    elif field.name in CHOICES:
-        kw["choices"] = CHOICES[field.name]
+    elif field.name == "device":
+        kw.update(type=device, metavar="DEVICE")
+    elif field.choices:
+        kw["choices"] = list(field.choices)
+    else:
+        kw["metavar"] = field.name.upper()
     p.add_argument(flag, **kw)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from convflat.train import TrainConfig
-
+    """Add ``convflat train``."""
     p = sub.add_parser(
         "train",
         help="train one CNN (gapcnn, resnet, torchvision) and write model.pt + train.json",
         description="Train one model on a prepared dataset with the whole dataset on the "
         "device; write init.pt, model.pt, train.json (and checkpoint.pt while running) in "
-        "--out. A killed run resumes from its last epoch when started again.",
+        "--out. A killed run resumes from its last epoch when started again; a finished run "
+        "with the same settings is skipped.",
     )
     data = p.add_argument_group("data")
     add_data_arguments(data, seed_flag="--data-seed")
@@ -100,22 +177,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="model family (or give it in --spec)")
     for flag, (key, kw) in MODEL_FLAGS.items():
         if "type" in kw:
-            kw = {**kw, "metavar": "N" if kw["type"] is int else "X"}
+            kw = {**kw, "metavar": "X" if kw["type"] is float else "N"}
         elif "action" not in kw and "choices" not in kw:
             kw = {**kw, "metavar": "NAME"}
         model.add_argument(flag, dest=f"spec_{key}", **kw)
     model.add_argument("--spec", help="model spec as JSON text or a .json file; flags override it")
-    hp = p.add_argument_group("training (TrainConfig)")
-    for field in dataclasses.fields(TrainConfig):
+    model.add_argument("--no-check-head", action="store_true",
+                       help="train even a model whose head `convflat curvature` refuses "
+                            "(default: refuse it before the first epoch, naming the op)")
+    hp = p.add_argument_group("training (convflat.train.TrainConfig)")
+    for field in config_fields():
         _config_argument(hp, field)
     run = p.add_argument_group("run")
     run.add_argument("--out", required=True, type=Path, help="run directory to write")
     run.add_argument("--no-resume", action="store_true",
                      help="ignore an existing checkpoint.pt and start again")
-    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --out, finished or not, whatever its settings: "
+                          "its files are removed first (default: a finished run with the same "
+                          "settings is skipped, one with other settings refused)")
+    run.add_argument("--threads", type=positive_int, metavar="N",
+                     help="torch CPU threads (default: torch's)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: only on a terminal)")
-    run.add_argument("--log-level", default=None,
+    run.add_argument("--log-level", default=None, type=str.upper,
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="logging level (default INFO off a terminal, WARNING on one)")
     p.set_defaults(func=run_train)
 
@@ -143,29 +229,116 @@ def build_spec(args: argparse.Namespace) -> dict:
 
 
 def build_config(args: argparse.Namespace):
+    """The TrainConfig of the flags (each flag's default is the field's default)."""
     from convflat.train import TrainConfig
 
-    given = {}
-    for field in dataclasses.fields(TrainConfig):
-        value = getattr(args, f"cfg_{field.name}")
-        if value is not None:
-            given[field.name] = value
+    given = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_dict(given)
 
 
-def run_train(args: argparse.Namespace) -> int:
+def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            diff = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{path} is {old!r} there, {new!r} now"
+
+
+def _existing_run(out: Path, identity: dict, run_hash: str) -> tuple[str, str]:
+    """What ``out`` holds: ("none" | "finished" | "resume" | "other", why)."""
     import torch
 
-    from convflat.train import train
+    present = [n for n in RUN_FILES if (out / n).exists()]
+    if not present:
+        return "none", ""
+    record_path = out / "train.json"
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            return "other", f"{record_path} is unreadable ({exc})"
+        old = {"spec": record.get("spec"), "config": dict(record.get("config") or {})}
+        new = {"spec": identity["spec"], "config": dict(identity["config"])}
+        for key in ("device", "eval_batch_size"):
+            old["config"].pop(key, None)
+        same = record.get("run_hash") == run_hash if "run_hash" in record else old == new
+        if not same:
+            diff = _first_difference(old, new) or "the dataset differs"
+            return "other", diff
+        if record.get("status") in ("ok", "diverged") and (out / "model.pt").is_file():
+            return "finished", str(record.get("status"))
+        return "resume", str(record.get("status"))
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        try:
+            old_identity = torch.load(ckpt, map_location="cpu",
+                                      weights_only=True)["train_state"]["identity"]
+        except Exception:  # any unreadable checkpoint is "another run"
+            return "other", f"{ckpt} is not a resumable checkpoint"
+        diff = _first_difference(old_identity, identity)
+        return ("other", diff) if diff else ("resume", "unfinished")
+    init = out / "init.pt"
+    if init.is_file():
+        try:
+            old_spec = torch.load(init, map_location="cpu", weights_only=True).get("spec")
+        except Exception:  # unreadable: another run
+            return "other", f"{init} is unreadable"
+        diff = _first_difference({"spec": old_spec}, {"spec": identity["spec"]})
+        return ("other", diff) if diff else ("resume", "not started")
+    return "other", f"it holds {', '.join(present)} but no train.json"
+
+
+def _clear(out: Path) -> list[str]:
+    removed = []
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink()
+    return removed
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Check, then train (or skip, or refuse); print one summary line."""
+    out = check_output_dir(args.out)
+    import torch
+
+    from convflat.models import check_head
+    from convflat.train import run_identity, spec_for, train
 
     level = args.log_level or ("WARNING" if sys.stderr.isatty() else "INFO")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = build_spec(args)
     cfg = build_config(args)
     prepared = load_data(args)
-    record = train(spec, prepared, cfg, args.out, progress=args.progress,
+    full_spec = spec_for(spec, prepared)
+    if not args.no_check_head:
+        from convflat.curvature import OutOfClassError
+
+        try:
+            check_head(full_spec)
+        except OutOfClassError as exc:
+            raise CLIError(f"{exc}; `convflat curvature` would refuse this model "
+                           "(--no-check-head trains it anyway)") from exc
+    identity = run_identity(full_spec, cfg.resolve(prepared), prepared)
+    run_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    state, why = _existing_run(out, identity, run_hash)
+    if state != "none" and args.overwrite:
+        removed = _clear(out)
+        print(f"--overwrite: removed {', '.join(removed) or 'nothing'} from {out}")
+    elif state == "finished":
+        print(f"skipped: {out} already holds this run, finished with status {why} "
+              f"({out / 'train.json'}); --overwrite trains it again")
+        return 0
+    elif state == "other":
+        raise CLIError(f"{out} holds another run ({why}); give another --out, or --overwrite "
+                       "to replace it")
+    record = train(spec, prepared, cfg, out, progress=args.progress,
                    resume=not args.no_resume)
 
     def fmt(v):
@@ -174,5 +347,5 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"{record['status']}: {record['epochs_run']} epochs ({record['stop_reason']}), "
           f"train loss {fmt(record['train_loss'])} acc {fmt(record['train_acc'])}, "
           f"test loss {fmt(record['test_loss'])} acc {fmt(record['test_acc'])} "
-          f"-> {Path(args.out) / 'train.json'}")
+          f"-> {out / 'train.json'}")
     return 0
