@@ -259,6 +259,8 @@ def prepare(
 
     x_tr, y_tr, x_te, y_te, classes, source, split_kind = _load_source(
         name, Path(root), download=download, test_fraction=test_fraction, seed=seed)
+    check_splits(y_tr, y_te, len(classes), source,
+                 hint=" (raise the test fraction)" if split_kind == "random" else "")
     n_full = int(x_tr.shape[0])
     train_indices = None
     if subset is not None:
@@ -267,6 +269,9 @@ def prepare(
         perm = torch.randperm(n_full, generator=seeded_generator(seed, "subset"))
         train_indices = perm[: int(subset)].sort().values
         x_tr, y_tr = x_tr[train_indices], y_tr[train_indices]
+        if torch.unique(y_tr).numel() < 2:
+            raise ValueError(f"{source}: the subset of {subset} training images holds one "
+                             "class only; a classifier needs two (take a larger subset)")
     y_clean = y_tr.clone()
     y_noisy, mask = _apply_label_noise(y_tr, len(classes), float(label_noise), seed)
     mean, std = _channel_stats(x_tr)
@@ -298,6 +303,28 @@ def prepare(
     log.info("prepared %s: %d train, %d test, %d classes, images %s -> %s", name,
              x_tr.shape[0], x_te.shape[0], len(classes), tuple(x_tr.shape[1:]), out)
     return out
+
+
+def check_splits(y_train: torch.Tensor, y_test: torch.Tensor, num_classes: int, where: str,
+                 hint: str = "") -> None:
+    """Refuse, at prepare time, data that would only fail epochs later: a split without
+    images, fewer than two classes, or labels with gaps (a class in 0..K-1 with no training
+    image). ``where`` names the source (file, folder or dataset) in the ValueError."""
+    for split, y in (("train", y_train), ("test", y_test)):
+        if y.numel() == 0:
+            raise ValueError(f"{where}: split {split!r} has no images"
+                             + (hint if split == "test" else ""))
+    present = torch.unique(y_train).tolist()
+    if num_classes < 2 or len(present) < 2:
+        raise ValueError(f"{where}: split 'train' holds {len(present)} class"
+                         f"{'es' if len(present) != 1 else ''} ({num_classes} declared); a "
+                         "classifier needs at least two")
+    missing = sorted(set(range(num_classes)) - set(present))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(f"{where}: labels have gaps: class {shown} of 0..{num_classes - 1} "
+                         "has no image in split 'train'; number the classes 0..K-1 without "
+                         "gaps")
 
 
 def _request(name: str, subset, label_noise, seed, test_fraction) -> dict[str, Any]:
