@@ -8,14 +8,22 @@ are left out and counted. A good measure correlates *positively* with the target
 * :mod:`convflat.analysis.stats`: Kendall tau with a bootstrap CI, Spearman, Pearson, the
   granulated Kendall coefficient Psi (per axis too) and the conditional mutual information
   score of Jiang et al. (2020), gathered by :func:`correlation_table`.
+  :func:`spread_ratio` (between- over within-configuration sd of a gap) and
+  :func:`convergence_summary` (the matched-loss accounting) describe the runs themselves.
 * :mod:`convflat.analysis.tables`: CSV / Markdown / LaTeX (booktabs) tables, best marked.
-* :mod:`convflat.analysis.figures`: seaborn figures (PNG + PDF) for a paper column.
+* :mod:`convflat.analysis.headline`: ``headline.md``, the study's answer in words and one
+  small table per target (:func:`write_headline`).
+* :mod:`convflat.analysis.figures`: seaborn figures (PNG + PDF) for a paper column, among
+  them the flatness over training (:func:`plot_flatness_over_training`).
 * :func:`analyse_study`: everything for one study (or the overall table), for the workflow.
 """
 
 from convflat.analysis.figures import (
+    FLATNESS_KEYS,
     figure_paths,
+    load_histories,
     plot_false_friend,
+    plot_flatness_over_training,
     plot_hutchinson_convergence,
     plot_measure_vs_gap,
     plot_psi_heatmap,
@@ -69,15 +77,15 @@ from convflat.analysis.tables import (
 )
 
 __all__ = [
-    "DEFAULT_TARGETS", "NUISANCE_AXES", "OURS", "STUDY_FIGURES", "STUDY_TABLES",
-    "BootstrapCI", "CMIResult", "ConvergenceSummary", "PsiResult", "RunSelection",
-    "SpreadRatio",
-    "analyse_study", "axis_columns", "axis_groups", "bootstrap_kendall", "bootstrap_weights",
-    "combine_runs", "conditional_mutual_information", "convergence_summary", "correlation_latex",
+    "DEFAULT_TARGETS", "FLATNESS_KEYS", "HEADLINE_TARGETS", "NUISANCE_AXES", "OURS",
+    "STUDY_FIGURES", "STUDY_TABLES", "BootstrapCI", "CMIResult", "ConvergenceSummary",
+    "PsiResult", "RunSelection", "SpreadRatio", "TargetVerdict", "analyse_study",
+    "axis_columns", "axis_groups", "bootstrap_kendall", "bootstrap_weights", "combine_runs",
+    "conditional_mutual_information", "convergence_summary", "correlation_latex",
     "correlation_markdown", "correlation_table", "figure_paths", "granulated_kendall",
-    "kendall_tau", "measure_columns", "pearson", "plot_false_friend",
+    "headline_markdown", "headline_rows", "headline_verdicts", "kendall_tau", "load_histories",
+    "measure_columns", "pearson", "plot_false_friend", "plot_flatness_over_training",
     "plot_hutchinson_convergence", "plot_measure_vs_gap", "plot_psi_heatmap", "plot_tau_psi",
     "read_correlation_table", "read_runs", "runs_summary_table", "select_runs", "spearman",
-    "spread_ratio",
-    "write_correlation_table", "write_runs_summary",
+    "spread_ratio", "write_correlation_table", "write_headline", "write_runs_summary",
 ]

@@ -15,13 +15,15 @@ labels, the baselines in blue-grey.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib as mpl
+import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -42,8 +44,11 @@ from convflat.analysis.tables import read_correlation_table, table_targets
 from convflat.io import atomic_write
 
 __all__ = [
+    "FLATNESS_KEYS",
     "figure_paths",
+    "load_histories",
     "plot_false_friend",
+    "plot_flatness_over_training",
     "plot_hutchinson_convergence",
     "plot_measure_vs_gap",
     "plot_psi_heatmap",
@@ -90,6 +95,47 @@ def _wants_log(values: np.ndarray) -> bool:
     """Log scale when every finite value is positive and they span more than 2 decades."""
     v = values[np.isfinite(values)]
     return v.size >= 2 and bool((v > 0).all()) and v.max() / v.min() > 100.0
+
+
+def _log_label(v: float, _pos=None) -> str:
+    """Tick text on a log axis: plain for 1e-3 <= |v| < 1e4, else m x 10^k (mathtext)."""
+    if v <= 0 or not np.isfinite(v):
+        return ""
+    if 1e-3 <= v < 1e4:
+        return f"{v:g}"
+    k = math.floor(math.log10(v) + 1e-9)
+    m = v / 10.0 ** k
+    mant = f"{m:.0f}" if abs(m - round(m)) < 1e-6 else f"{m:.1f}"
+    return rf"$10^{{{k}}}$" if mant == "1" else rf"${mant}\times10^{{{k}}}$"
+
+
+def _tidy_log_ticks(ax, max_ticks: int = 5) -> None:
+    """Readable ticks on every log-scaled axis of ``ax``: at most ``max_ticks`` labelled
+    major ticks, never a label on a minor tick.
+
+    matplotlib's default labels the minor ticks of a log axis that spans about one decade
+    or less (2x10^0, 3x10^0, 4x10^0, ...), and those labels overlap in a 3.5 inch panel.
+    When the axis shows at least two powers of ten only those are labelled (every k-th, k
+    chosen so at most ``max_ticks`` show); otherwise the ticks are 1, 2 and 5 times a power
+    of ten.
+    Call after the data are drawn (the limits decide the ticks).
+    """
+    for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        if axis.get_scale() != "log":
+            continue
+        lo, hi = sorted(lim)
+        if not (lo > 0 and np.isfinite(hi)):
+            continue
+        powers = math.floor(math.log10(hi) + 1e-9) - math.ceil(math.log10(lo) - 1e-9) + 1
+        if powers >= 2:
+            axis.set_major_locator(mticker.LogLocator(base=10, numticks=max_ticks))
+        else:
+            axis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0),
+                                                      numticks=max_ticks))
+        axis.set_major_formatter(mticker.FuncFormatter(_log_label))
+        axis.set_minor_locator(mticker.LogLocator(base=10, subs=np.arange(2, 10) * 1.0,
+                                                  numticks=12))
+        axis.set_minor_formatter(mticker.NullFormatter())
 
 
 def _label(column: str) -> str:
@@ -207,6 +253,7 @@ def plot_measure_vs_gap(
                        edgecolors="white")
             if _wants_log(mu[ok]):
                 ax.set_xscale("log")
+                _tidy_log_ticks(ax, max_ticks=5)
             ax.set_xlabel(short_name(m))
             ax.set_ylabel(target)
         if hue is not None:
@@ -379,6 +426,7 @@ def plot_hutchinson_convergence(
         ax.axhline(exact, color="k", ls="--", lw=1, label="exact")
         if (df["probes"] > 0).all():
             ax.set_xscale("log")
+        _tidy_log_ticks(ax)
         ax.set_xlabel("probes")
         ax.set_ylabel("trace estimate")
         ax.legend(title=f"band: ±{band:g} s.e.")
@@ -395,6 +443,7 @@ def plot_hutchinson_convergence(
             if pos.all():
                 ax.set_xscale("log")
             ax.set_yscale("log")
+            _tidy_log_ticks(ax)
             ax.set_xlabel("probes")
             ax.set_ylabel("relative error" if exact != 0 else "absolute error")
             ax.legend()
@@ -467,10 +516,173 @@ def plot_false_friend(
                 ax.set_xscale("symlog", linthresh=float(xs[xs > 0].min()))
             if _wants_log(d[col].to_numpy()):
                 ax.set_yscale("log")
+            _tidy_log_ticks(ax)
             ax.set_xlabel(short_name(axis))
             ax.set_ylabel(short_name(col))
         note = f"mean ± sd; {sel.summary()}"
         if others:
             note += "; pooled over " + ", ".join(short_name(a) for a in others)
         fig.suptitle(note, fontsize=7)
+        return _save(fig, out, dpi)
+
+
+# ------------------------------------------------------------ flatness over training
+
+#: The per-epoch flatness keys of a ``train.json`` history that the figure draws.
+FLATNESS_KEYS = ("conv_trace", "conv_relative_flatness")
+_AUTO_LOSS_KEYS = ("train_loss_eval", "loss")
+
+
+def load_histories(paths: Sequence[str | os.PathLike], *,
+                   labels: Sequence[str] | None = None) -> dict[str, list[dict]]:
+    """Read the ``history`` of each ``train.json`` in ``paths``: ``{label: history}``.
+
+    ``labels`` default: each file's folder relative to the folder all of them share (the run
+    id, e.g. ``width~8/seed~0``), or the folder's name for a single file. Raises
+    FileNotFoundError naming a missing file and ValueError naming a file without a history.
+    """
+    paths = [Path(p) for p in paths]
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} train.json files")
+    if labels is None:
+        parents = [p.parent.resolve() for p in paths]
+        root = Path(os.path.commonpath(parents)) if len(parents) > 1 else None
+        labels = [str(q.relative_to(root)) if root is not None and q != root else q.name
+                  for q in parents]
+    out: dict[str, list[dict]] = {}
+    for label, path in zip(labels, paths, strict=True):
+        if not path.is_file():
+            raise FileNotFoundError(f"training record {path} does not exist")
+        record = json.loads(path.read_text())
+        history = record.get("history") if isinstance(record, Mapping) else None
+        if not isinstance(history, list):
+            raise ValueError(f"{path} has no 'history' list")
+        if label in out:
+            raise ValueError(f"two training records share the label {label!r}")
+        out[str(label)] = history
+    return out
+
+
+def _histories(histories) -> dict[str, Sequence[Mapping]]:
+    """``{label: [entry, ...]}`` from a mapping or a sequence of histories or records."""
+    items = (list(histories.items()) if isinstance(histories, Mapping)
+             else [(f"run {k}", h) for k, h in enumerate(histories)])
+    if not items:
+        raise ValueError("no histories to plot")
+    out = {}
+    for label, h in items:
+        if isinstance(h, Mapping):  # a whole train.json record
+            if "history" not in h:
+                raise ValueError(f"record of run {label!r} has no 'history'")
+            h = h["history"]
+        if not isinstance(h, Sequence) or isinstance(h, (str, bytes)) or not len(h):
+            raise ValueError(f"history of run {label!r} is empty or not a list of epochs")
+        out[str(label)] = h
+    return out
+
+
+def _finite(v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+    return f if math.isfinite(f) else float("nan")
+
+
+def plot_flatness_over_training(
+    histories, out: str | os.PathLike, *, measures: Sequence[str] = FLATNESS_KEYS,
+    loss_key: str | None = None, hue: Mapping[str, object] | None = None,
+    hue_name: str = "", stop_loss: float | None = None, ncols: int = 2,
+    panel: tuple[float, float] = PANEL, dpi: int = 300,
+) -> list[Path]:
+    """Flatness against training loss along training, one line per run, one panel per
+    measure: are the nets compared on the same part of their trajectories?
+
+    ``histories``: ``{run label: history}`` (e.g. from :func:`load_histories`), or a list of
+    histories; a history is the list of per-epoch dicts of ``train.json`` (or the whole
+    record, with its ``history``). Every epoch must carry ``loss_key`` and every key of
+    ``measures`` (default ``conv_trace`` and ``conv_relative_flatness``); a value that is
+    None or not finite (a measure not computed that epoch) is skipped. ``loss_key`` default:
+    ``train_loss_eval`` (eval mode, full training split: the loss the stopping rule
+    measures) when every epoch of every run has a finite one, else ``loss`` (the mean
+    training loss over the epoch's steps).
+
+    The x axis (training loss) runs from high to low, so training goes left to right; an
+    axis is logarithmic when its values are positive and span more than one decade. The
+    last epoch of each run (where it stopped) is a dot; ``stop_loss`` draws the target as a
+    dashed line. Lines are coloured by ``hue`` (``{label: value}``, e.g. an axis of the
+    grid, with a legend titled ``hue_name``) or all in one colour.
+
+    Raises ValueError naming the run, the epoch and the missing keys when an epoch lacks
+    one, and when no run has two finite points of any measure.
+    """
+    runs = _histories(histories)
+    measures = list(measures)
+    if not measures:
+        raise ValueError("measures must name at least one history key")
+    if loss_key is None:
+        loss_key = next((k for k in _AUTO_LOSS_KEYS if all(
+            isinstance(e, Mapping) and np.isfinite(_finite(e.get(k)))
+            for h in runs.values() for e in h)), "loss")
+    need = [loss_key, *measures]
+    for label, h in runs.items():
+        for k, entry in enumerate(h):
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"history of run {label!r}: entry {k} is not a dict")
+            missing = [key for key in need if key not in entry]
+            if missing:
+                raise ValueError(
+                    f"history of run {label!r}, epoch {entry.get('epoch', k + 1)}, lacks "
+                    f"key(s) {missing} (has {sorted(map(str, entry))}); the flatness over "
+                    "training needs the per-epoch measures in train.json's history")
+    if hue is not None:
+        absent = [label for label in runs if label not in hue]
+        if absent:
+            raise ValueError(f"hue has no value for run(s) {absent[:5]}")
+        levels = list(dict.fromkeys(_value_label(v) for v in _sorted_levels(
+            pd.Series([hue[label] for label in runs], dtype=object))))
+        palette = dict(zip(levels, sns.color_palette("viridis", len(levels)), strict=True))
+    data = {label: (np.array([_finite(e[loss_key]) for e in h]),
+                    {m: np.array([_finite(e[m]) for e in h]) for m in measures})
+            for label, h in runs.items()}
+    if not any(np.sum(np.isfinite(x) & np.isfinite(ys[m])) >= 2
+               for x, ys in data.values() for m in measures):
+        raise ValueError(f"no run has two epochs with a finite {loss_key} and one of "
+                         f"{measures}: nothing to draw")
+    with _style():
+        fig, axs = _grid(len(measures), ncols, panel)
+        for ax, m in zip(axs, measures, strict=True):
+            col = "m_" + m
+            _style_title(ax, col, f"{len(runs)} runs")
+            xs_all, ys_all = [], []
+            for label, (x, ys) in data.items():
+                y = ys[m]
+                ok = np.isfinite(x) & np.isfinite(y)
+                if not ok.any():
+                    continue
+                color = (palette[_value_label(hue[label])] if hue is not None
+                         else OURS_COLOR if is_ours(col) else BASE_COLOR)
+                ax.plot(x[ok], y[ok], color=color, lw=0.9, alpha=0.7)
+                ax.plot(x[ok][-1:], y[ok][-1:], marker="o", ms=3, color=color, ls="")
+                xs_all.append(x[ok])
+                ys_all.append(y[ok])
+            if not xs_all:
+                ax.text(0.5, 0.5, "no finite values", ha="center", va="center",
+                        transform=ax.transAxes)
+                continue
+            if stop_loss is not None:
+                ax.axvline(stop_loss, color="0.3", ls="--", lw=0.8)
+                xs_all.append(np.array([stop_loss]))
+            xv, yv = np.concatenate(xs_all), np.concatenate(ys_all)
+            for values, setter in ((xv, ax.set_xscale), (yv, ax.set_yscale)):
+                if values.size >= 2 and (values > 0).all() and values.max() > 10 * values.min():
+                    setter("log")
+            ax.invert_xaxis()
+            _tidy_log_ticks(ax)
+            ax.set_xlabel(f"training loss ({loss_key})")
+            ax.set_ylabel(short_name(col))
+        if hue is not None:
+            handles = [Line2D([], [], color=c, label=lab) for lab, c in palette.items()]
+            fig.legend(handles=handles, title=hue_name or None, loc="outside right upper")
+        fig.suptitle("flatness over training (dot: where each run stopped)", fontsize=8)
         return _save(fig, out, dpi)
