@@ -309,9 +309,8 @@ def test_adam_and_step_schedule_train(tmp_path, digits):
 
 def test_cli_prepare_and_train(tmp_path, capsys):
     from convflat.cli import main
-    from convflat.cli.train import CONFIG_HELP
 
-    assert set(CONFIG_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+    # (every TrainConfig field's flag and default: tests/test_cli_vocabulary.py)
     assert main(["prepare", "--dataset", "sklearn-digits", "--root", str(tmp_path),
                  "--subset", "600", "--label-noise", "0.1"]) == 0
     prepared = tmp_path / "prepared" / "sklearn-digits_n600_noise0.1.pt"
@@ -334,7 +333,7 @@ def test_cli_prepare_and_train(tmp_path, capsys):
     assert json.loads((tmp_path / "run2/train.json").read_text())["spec"]["width"] == 4
     assert main(["train", "--dataset", str(prepared), "--family", "gapcnn", "--depth", "0",
                  "--out", str(tmp_path / "bad")]) == 2
-    assert "spec key 'depth'" in capsys.readouterr().err
+    assert "--depth: must be a positive integer, got 0" in capsys.readouterr().err
     assert main(["train", "--dataset", str(prepared), "--family", "gapcnn", "--subset", "5",
                  "--out", str(tmp_path / "bad")]) == 2
 
