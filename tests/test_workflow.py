@@ -1,7 +1,10 @@
-"""The Snakemake workflow without running it: format, lint, dry runs, config errors.
+"""The Snakemake workflow without running it: format, lint, a few dry runs as smoke tests,
+config errors, and the single sources of its names (TrainConfig, METRICS, SOURCES, the figure
+and validation-table registries) against the schema and the rules.
 
-Each test starts Snakemake as a user would (a subprocess in the repository root, or in a
-temporary directory for the few that write files). About 1.5 minutes in all on two cores.
+The run plans themselves are tested directly in tests/test_study.py. The Snakemake tests
+start it as a user would (a subprocess in the repository root, or in a temporary directory
+for the few that write files).
 """
 
 from __future__ import annotations
@@ -14,8 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.utils import validate
+
+from convflat.study import AXES, expand_studies
+from convflat.workflow import FIGURES, VALIDATION_TABLES, mock_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
+SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 CONFIGS = ["config/config.yaml", "config/quick.yaml", "config/test.yaml"]
 
@@ -26,6 +34,13 @@ def snakemake(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: in
         [*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def load_config(path: str) -> dict:
+    """A config of the repository with the schema's defaults filled in."""
+    config = yaml.safe_load((REPO / path).read_text())
+    validate(config, SCHEMA)
+    return config
 
 
 def out(proc) -> str:
@@ -57,9 +72,8 @@ def test_dry_run_default_config():
     """`snakemake -n --cores all`: the full reproduction plans without network or GPU."""
     proc = snakemake("-n", "--cores", "all")
     assert proc.returncode == 0, out(proc)
-    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    n_runs = sum(
-        len(list(_grid_points(study["grid"]))) for study in config["studies"].values())
+    config = load_config("config/config.yaml")
+    n_runs = sum(len(runs) for runs in expand_studies(config).values())
     jobs = job_counts(out(proc))
     assert jobs["train"] == jobs["measure"] == n_runs
     assert jobs["download"] == len({d["source"] for d in config["datasets"].values()})
@@ -67,10 +81,16 @@ def test_dry_run_default_config():
     # one prepared file per dataset, plus one per label-noise level of the noise study
     assert jobs["prepare"] == len(config["datasets"]) + 2
     assert "output: data/prepared/cifar10-noise0.2.pt" in out(proc)
-    for rule in ("false_friend", "validation_exactness", "hutchinson_figure",
-                 "validation_notebook", "overall_correlation"):
+    for rule in ("validation_reference", "hutchinson_figure", "validation_notebook",
+                 "overall_correlation"):
         assert jobs[rule] == 1, jobs
-    assert jobs["validation_model"] == 3  # invariance, hutchinson, cost
+    model_tables = [n for n, t in VALIDATION_TABLES.items() if t.uses_model]
+    assert jobs["validation_model"] == len(model_tables) == 3  # invariance, hutchinson, cost
+    # every registered figure of every study (false_friend where asked), and the pooled ones
+    n_false_friend = sum(s["false_friend"] for s in config["studies"].values())
+    per_study = len([f for f in FIGURES.values() if f.when is None])
+    assert jobs["figure"] == per_study * len(config["studies"]) + n_false_friend
+    assert jobs["overall_figure"] == len([f for f in FIGURES.values() if f.overall])
     # GPU stages ask for one GPU each.
     assert re.search(r"rule train:(?:(?!rule ).)*gpu=1", out(proc), re.S)
 
@@ -78,33 +98,28 @@ def test_dry_run_default_config():
 def test_dry_run_quick_config():
     proc = snakemake("-n", "--cores", "all", "--configfile", "config/quick.yaml")
     assert proc.returncode == 0, out(proc)
-    config = yaml.safe_load((REPO / "config/quick.yaml").read_text())
-    main = config["studies"]["digits"]
-    assert len(list(_grid_points(main["grid"]))) >= 24
-    assert len([a for a in main["grid"] if a != "seed"]) >= 3
+    config = load_config("config/quick.yaml")
+    runs = expand_studies(config)
+    assert len(runs["digits"]) >= 24
+    assert len([a for a in config["studies"]["digits"]["grid"] if a != "seed"]) >= 3
     jobs = job_counts(out(proc))
+    assert jobs["train"] == jobs["measure"] == sum(len(r) for r in runs.values())
     assert "download" not in jobs  # scikit-learn's digits need no network
-    assert jobs["false_friend"] == 1 and jobs["validation_exactness"] == 1
+    assert jobs["figure"] == 2 * 3 + 1 and jobs["validation_reference"] == 1
+    assert "wildcards: study=digits_wd, figure=false_friend" in out(proc)
     assert jobs["overview_notebook"] == len(config["studies"])
     assert "gpu=1" not in out(proc)
 
 
-def test_run_ids_name_hyperparameters():
-    """Paths say what the model is: results/runs/<study>/width~8/depth~2/wd~0/seed~0/..."""
-    proc = snakemake("results/runs/digits/width~8/depth~2/wd~0.001/seed~1/train.json",
-                     "-n", "--cores", "1", "--configfile", "config/quick.yaml")
-    assert proc.returncode == 0, out(proc)
-    assert job_counts(out(proc)) == {"prepare": 1, "train": 1}
-    assert "wildcards: study=digits, run_id=width~8/depth~2/wd~0.001/seed~1" in out(proc)
-
-
 def test_one_figure_rebuilds_alone(tmp_path):
-    """Naming one figure plans that figure (and what it needs), not its siblings."""
+    """Naming one figure plans that figure (and what it needs: the runs table only, which
+    is all measure_vs_gap reads), not its siblings."""
     proc = snakemake("results/figures/digits/measure_vs_gap.png", "-n", "--cores", "1",
                      "--configfile", "config/quick.yaml")
     assert proc.returncode == 0, out(proc)
     jobs = job_counts(out(proc))
     assert jobs["figure"] == 1 and "overview_notebook" not in jobs, jobs
+    assert "correlation" not in jobs and jobs["collect"] == 1, jobs
     assert "wildcards: study=digits, figure=measure_vs_gap" in out(proc)
 
 
@@ -113,12 +128,6 @@ def test_unknown_run_is_an_error():
                      "-n", "--cores", "1", "--configfile", "config/quick.yaml")
     assert proc.returncode != 0
     assert "no run 'width~1000/depth~2/wd~0/seed~0' in study 'digits'" in out(proc)
-
-
-def _grid_points(grid):
-    import itertools
-
-    return itertools.product(*grid.values())
 
 
 def _mutate(config: dict, path: str, value) -> dict:
@@ -137,25 +146,12 @@ def _mutate(config: dict, path: str, value) -> dict:
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        ("studies.tiny.train.epochs", "three",
-         "config key 'studies.tiny.train.epochs': 'three' is not of type 'integer'"),
-        ("studies.tiny.train.epoch", 3,
-         "config key 'studies.tiny.train': Additional properties are not allowed "
-         "('epoch' was unexpected)"),
-        ("studies.tiny.grid.widths", [4],
-         "config key 'studies.tiny.grid': Additional properties are not allowed "
-         "('widths' was unexpected)"),
+        # a schema error (the rest of the schema is checked in-process below) ...
         ("studies.tiny.grid.weight_decay", [-1.0],
          "config key 'studies.tiny.grid.weight_decay[0]': -1.0 is less than the minimum of 0"),
+        # ... and a cross-check of convflat.study.check_config (all tested in test_study.py)
         ("studies.tiny.dataset", "cifar10",
          "config key 'studies.tiny.dataset': 'cifar10' is not one of datasets ['digits']"),
-        ("device", "gpu", "config key 'device': 'gpu' does not match"),
-        ("studies.tiny.model.family", "vgg",
-         "config key 'studies.tiny.model.family': 'vgg' is not one of"),
-        ("validation.study", "nope",
-         "config key 'validation.study': 'nope' is not one of the studies ['tiny']"),
-        ("datasets.digits.source", "-",
-         "config key 'datasets.digits': 'source' is a required property"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path, path, value, message):
@@ -165,6 +161,91 @@ def test_invalid_config_names_the_key(tmp_path, path, value, message):
     proc = snakemake("-n", "--cores", "1", "--configfile", str(bad))
     assert proc.returncode != 0
     assert message in out(proc), out(proc)[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("studies.tiny.train.epochs", "three", "'three' is not of type 'integer'"),
+        ("studies.tiny.train.epoch", 3, "('epoch' was unexpected)"),
+        ("studies.tiny.grid.widths", [4], "('widths' was unexpected)"),
+        ("device", "gpu", "'gpu' does not match"),
+        ("studies.tiny.model.family", "vgg", "'vgg' is not one of"),
+        ("datasets.digits.source", "-", "'source' is a required property"),
+    ],
+)
+def test_schema_rejects(path, value, message):
+    from snakemake.exceptions import WorkflowError
+
+    config = yaml.safe_load((REPO / "config/test.yaml").read_text())
+    with pytest.raises(WorkflowError) as err:
+        validate(_mutate(config, path, value), SCHEMA)
+    assert message in str(err.value.__cause__ or err.value) + repr(err.value.args)
+
+
+def test_schema_train_block_is_trainconfig():
+    """The train block of a study lists exactly TrainConfig's fields with its defaults
+    (device aside: it is the top-level key, with the same default)."""
+    import dataclasses
+
+    from convflat.train import TrainConfig
+
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    block = schema["properties"]["studies"]["additionalProperties"]["properties"]["train"]
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(block["properties"]) == set(fields) - {"device"}
+    for name, prop in block["properties"].items():
+        default = fields[name].default
+        default = list(default) if isinstance(default, tuple) else default
+        assert prop["default"] == default, name
+        assert fields[name].metadata["help"], name
+    assert schema["properties"]["device"]["default"] == fields["device"].default
+
+
+def test_schema_names_come_from_the_library():
+    """Metric targets are io.METRICS; every built-in source is named in the schema; the
+    grid axes are study.AXES; every validation table has its settings block."""
+    from convflat.io import METRICS
+    from convflat.sources import SOURCES
+
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    targets = schema["properties"]["analysis"]["properties"]["targets"]["items"]["enum"]
+    assert sorted(targets) == sorted(METRICS)
+    source = schema["properties"]["datasets"]["additionalProperties"]["properties"]["source"]
+    for name in SOURCES:
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", source["description"]), name
+    study = schema["properties"]["studies"]["additionalProperties"]["properties"]
+    assert set(study["grid"]["properties"]) == set(AXES)
+    validation = schema["properties"]["validation"]["properties"]
+    assert set(VALIDATION_TABLES) <= set(validation)
+
+
+def test_mock_snakemake_builds_a_job():
+    """A script's snakemake object outside Snakemake: the job of rule train for one run."""
+    sm = mock_snakemake("train", configfile=REPO / "config/quick.yaml",
+                        snakefile=REPO / "Snakefile", study="digits",
+                        run_id="width~16/depth~3/wd~0.01/seed~1")
+    assert sm.rule == "train" and sm.input.data == "data/prepared/digits.pt"
+    assert sm.output.record == "results/runs/digits/width~16/depth~3/wd~0.01/seed~1/train.json"
+    assert sm.params.spec == {"family": "gapcnn", "batchnorm": True, "width": 16, "depth": 3}
+    assert sm.params.train["weight_decay"] == 0.01 and sm.params.train["seed"] == 1
+    sm = mock_snakemake("figure", configfile=REPO / "config/quick.yaml",
+                        snakefile=REPO / "Snakefile", study="digits", figure="tau_psi")
+    assert dict(sm.input.items()) == {"correlation": "results/tables/digits/correlation.csv"}
+    assert sm.params.caption == FIGURES["tau_psi"].caption
+    with pytest.raises(ValueError, match="needs wildcard"):
+        mock_snakemake("train", configfile=REPO / "config/quick.yaml",
+                       snakefile=REPO / "Snakefile", study="digits")
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "workflow/scripts").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_scripts_are_short_main_functions(script):
+    text = script.read_text()
+    assert "noqa" not in text and "sys.path" not in text
+    assert "\ndef main(snakemake):\n" in text
+    assert 'if "snakemake" not in globals():' in text
+    assert len(text.splitlines()) < 40
 
 
 def test_download_without_network_says_what_to_place_where(tmp_path):

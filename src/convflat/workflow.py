@@ -582,3 +582,16 @@ def startup_notice(config: Mapping[str, Any],
         "    snakemake --cores all --configfile config/quick.yaml\n"
         "Continuing; stop with Ctrl-C (finished runs are kept, training resumes).\n"
         + "=" * 78)
+
+
+def report_estimate(config: Mapping[str, Any], runs: Mapping[str, Mapping[str, Any]],
+                    log_path: str | os.PathLike) -> str:
+    """The ``estimate`` rule: print :func:`convflat.study.estimate_text` and keep it in
+    ``log_path``; returns it."""
+    from convflat.study import estimate_text
+
+    text = estimate_text(config, runs)
+    print(text)
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(log_path).write_text(text + "\n")
+    return text

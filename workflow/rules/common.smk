@@ -17,12 +17,16 @@ from convflat.study import (
     ConfigError,
     check_config,
     code_version,
-    estimate_text,
     expand_studies,
     prepared_files,
     validation_run,
 )
-from convflat.workflow import FIGURES, VALIDATION_TABLES, startup_notice
+from convflat.workflow import (
+    FIGURES,
+    VALIDATION_TABLES,
+    report_estimate,
+    startup_notice,
+)
 
 # ---------------------------------------------------------------------------- validation
 
@@ -31,7 +35,11 @@ def _key_path(path):
     """['studies', 'digits', 'grid', 'width', 0] -> 'studies.digits.grid.width[0]'."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        text += (
+            f"[{part}]"
+            if isinstance(part, int)
+            else (f".{part}" if text else str(part))
+        )
     return text or "<top level>"
 
 
@@ -49,7 +57,8 @@ def _schema_error(exc):
 
 def validated_plan(config):
     """Validate ``config`` (schema defaults filled in place), then expand its studies:
-    ``{study: {run_id: Run}}``. Every error is a WorkflowError naming the offending key."""
+    ``{study: {run_id: Run}}``. Every error is a WorkflowError naming the offending key.
+    """
     try:
         validate(config, "../schemas/config.schema.yaml")
     except WorkflowError as exc:
@@ -104,7 +113,10 @@ def study_runs(pattern):
 
 def figure_inputs(wildcards):
     """The tables of the study that figure ``wildcards.figure`` draws from."""
-    tables = {"runs": rules.collect.output.runs, "correlation": rules.correlation.output.csv}
+    tables = {
+        "runs": rules.collect.output.runs,
+        "correlation": rules.correlation.output.csv,
+    }
     reads = FIGURES[wildcards.figure].reads
     return {t: tables[t].format(study=wildcards.study) for t in reads}
 
@@ -163,7 +175,9 @@ def validation_slice(table):
 
 
 def tables_where(uses_model):
-    return "|".join(n for n, t in VALIDATION_TABLES.items() if t.uses_model == uses_model)
+    return "|".join(
+        n for n, t in VALIDATION_TABLES.items() if t.uses_model == uses_model
+    )
 
 
 def res(stage, key):
@@ -221,7 +235,9 @@ def validation_targets():
         return []
     out = []
     for name, table in VALIDATION_TABLES.items():
-        builder = rules.validation_model if table.uses_model else rules.validation_reference
+        builder = (
+            rules.validation_model if table.uses_model else rules.validation_reference
+        )
         out += [f.format(table=name) for f in builder.output]
     out += list(rules.hutchinson_figure.output)
     if config["notebooks"]["enabled"]:

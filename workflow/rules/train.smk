@@ -40,7 +40,4 @@ rule estimate:
     log:
         "results/logs/estimate.log",
     run:
-        text = estimate_text(config, RUNS)
-        print(text)
-        Path(log[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(log[0]).write_text(text + "\n")
+        report_estimate(config, RUNS, log[0])

@@ -1,0 +1,202 @@
+"""convflat.study: the run plan of a config, checked directly (no Snakemake run).
+
+The expected plans are written out by hand from the configs (the grid's product in its
+order, last axis fastest), not recomputed with the module's own expansion.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from convflat import study
+from convflat.study import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
+
+
+def load(name: str) -> dict:
+    """A config of the repository, validated with the schema's defaults filled in, as the
+    workflow sees it."""
+    config = yaml.safe_load((REPO / "config" / name).read_text())
+    validate(config, SCHEMA)
+    return config
+
+
+def test_importing_study_imports_no_torch():
+    code = ("import sys, convflat.study, convflat.sources, convflat.workflow; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'pandas' not in sys.modules, 'pandas imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_quick_study_plan():
+    config = load("quick.yaml")
+    runs = study.expand_studies(config)
+    digits = runs["digits"]
+    assert len(digits) == 2 * 2 * 3 * 2
+    ids = list(digits)
+    assert ids[:4] == ["width~8/depth~2/wd~0/seed~0", "width~8/depth~2/wd~0/seed~1",
+                       "width~8/depth~2/wd~0.001/seed~0", "width~8/depth~2/wd~0.001/seed~1"]
+    assert ids[-1] == "width~16/depth~3/wd~0.01/seed~1"
+    run = digits["width~16/depth~2/wd~0.001/seed~1"]
+    assert run.hp == {"width": 16, "depth": 2, "weight_decay": 0.001, "seed": 1}
+    assert run.spec == {"family": "gapcnn", "batchnorm": True, "width": 16, "depth": 2}
+    assert run.train["weight_decay"] == 0.001 and run.train["seed"] == 1
+    assert run.train["epochs"] == 20 and run.train["lr"] == 0.1
+    assert run.prepared == "digits" and run.path == f"digits/{run.run_id}"
+    wd = runs["digits_wd"]
+    assert list(wd) == [f"wd~{w}/seed~{s}" for w in ("0", "0.001", "0.003", "0.01", "0.03")
+                        for s in (0, 1)]
+    assert wd["wd~0.03/seed~1"].spec == {"family": "gapcnn", "width": 16, "depth": 3,
+                                         "batchnorm": False}
+    assert study.prepared_files(config) == {"digits": ("digits", 0.0)}
+
+
+def test_default_config_has_131_runs_and_noise_files():
+    config = load("config.yaml")
+    runs = study.expand_studies(config)
+    assert sum(len(r) for r in runs.values()) == 131
+    names = study.prepared_files(config)
+    assert "cifar10-noise0.2" in names and names["cifar10-noise0.2"] == ("cifar10", 0.2)
+
+
+def tiny_config(grid: dict, **dataset) -> dict:
+    config = {
+        "datasets": {"d": {"source": "cifar10", **dataset}},
+        "studies": {"s": {"dataset": "d", "model": {"family": "gapcnn"}, "grid": grid}},
+    }
+    validate(config, SCHEMA)
+    return config
+
+
+def test_axes_go_where_they_belong():
+    config = tiny_config({"augment": [False, True], "label_noise": [0.0, 0.2],
+                          "dropout": [0.5], "lr": [0.01]})
+    runs = study.expand_studies(config)["s"]
+    assert list(runs) == ["aug~false/noise~0/drop~0.5/lr~0.01",
+                          "aug~false/noise~0.2/drop~0.5/lr~0.01",
+                          "aug~true/noise~0/drop~0.5/lr~0.01",
+                          "aug~true/noise~0.2/drop~0.5/lr~0.01"]
+    off = runs["aug~false/noise~0.2/drop~0.5/lr~0.01"]
+    on = runs["aug~true/noise~0/drop~0.5/lr~0.01"]
+    assert (off.train["crop_padding"], off.train["flip"]) == (0, False)
+    assert (on.train["crop_padding"], on.train["flip"]) == (None, None)
+    assert off.prepared == "d-noise0.2" and on.prepared == "d"
+    assert off.spec["dropout"] == 0.5 and off.train["lr"] == 0.01
+    assert "label_noise" not in off.train and "label_noise" not in off.spec
+    assert study.prepared_files(config) == {"d": ("d", 0.0), "d-noise0.2": ("d", 0.2)}
+
+
+def test_run_ids_format_and_parse():
+    assert study.format_value(1e-4) == "0.0001" and study.format_value(True) == "true"
+    assert study.format_value(3) == "3" and study.format_value(0.0) == "0"
+    hp = {"width": 32, "weight_decay": 5e-4, "seed": 2}
+    run_id = study.format_run_id(hp)
+    assert run_id == "width~32/wd~0.0005/seed~2"
+    assert study.parse_run_id(run_id) == {"width": "32", "weight_decay": "0.0005", "seed": "2"}
+    import re
+
+    assert re.fullmatch(study.RUN_ID_PATTERN, run_id)
+    with pytest.raises(ValueError, match="'foo~1' is not <axis>~<value>"):
+        study.parse_run_id("width~1/foo~1")
+    with pytest.raises(ValueError, match="unknown grid axis 'height'"):
+        study.format_run_id({"height": 3})
+
+
+def test_repeated_value_is_a_config_error():
+    config = tiny_config({"weight_decay": [0.001, 1e-3]})
+    with pytest.raises(ConfigError, match="'studies.s.grid' gives run id 'wd~0.001' twice"):
+        study.expand_studies(config)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c["studies"]["s"].update(dataset="nope"),
+         "config key 'studies.s.dataset': 'nope' is not one of datasets ['d']"),
+        (lambda c: c["datasets"]["d"].update(source="imagenet"),
+         "config key 'datasets.d.source': 'imagenet' is not a known source"),
+        (lambda c: c["studies"]["s"].update(false_friend=True),
+         "'studies.s.false_friend' is true, but studies.s.grid has no 'weight_decay'"),
+        (lambda c: c["validation"].update(study="t"),
+         "config key 'validation.study': 't' is not one of the studies ['s']"),
+    ],
+)
+def test_check_config_names_the_key(mutate, message):
+    config = tiny_config({"seed": [0, 1]})
+    study.check_config(config)
+    bad = copy.deepcopy(config)
+    mutate(bad)
+    with pytest.raises(ConfigError) as err:
+        study.check_config(bad)
+    assert message in str(err.value)
+
+
+def test_sources_by_alias_and_user_files_pass_the_check():
+    config = tiny_config({"seed": [0]}, source="CIFAR-10")
+    study.check_config(config)
+    config["datasets"]["d"]["source"] = "npz:/data/mine.npz"
+    study.check_config(config)
+
+
+def test_validation_run_default_and_explicit():
+    config = load("quick.yaml")
+    runs = study.expand_studies(config)
+    assert study.validation_run(config, runs).path == "digits_wd/wd~0/seed~0"
+    config["validation"]["run"] = "wd~0.01/seed~1"
+    assert study.validation_run(config, runs).path == "digits_wd/wd~0.01/seed~1"
+    config["validation"]["run"] = "wd~1/seed~0"
+    with pytest.raises(ConfigError, match="'validation.run': 'wd~1/seed~0' is not a run"):
+        study.validation_run(config, runs)
+
+
+def test_estimate_adds_up_per_run():
+    """Hours grow by the same amount for each identical run, and training time is linear in
+    the epochs (the step and job costs aside)."""
+    one = tiny_config({"seed": [0]}, subset=1000)
+    two = tiny_config({"seed": [0, 1]}, subset=1000)
+    h1, n1 = study.estimate_hours(one, "cpu")
+    h2, n2 = study.estimate_hours(two, "cpu")
+    assert (n1, n2) == (1, 2) and h2 == pytest.approx(2 * h1)
+    rate = study.RATES["cpu"]
+    flops = 2 * study.forward_macs({"family": "gapcnn"}, (32, 32), 3, 10)
+    expected = (3 * flops * 30 * 1000 / rate["flops"] + 30 * 1000 / 128 * rate["step_seconds"]
+                + study.MEASURE_PASSES * flops * 1000 / rate["flops"] + 2 * rate["job_seconds"])
+    assert h1 * 3600 == pytest.approx(expected)
+
+
+def test_forward_macs_of_a_known_model():
+    """A gapcnn's multiply-adds counted by hand from its layers' shapes."""
+    import torch
+
+    from convflat.models import build_model
+
+    spec = {"family": "gapcnn", "width": 4, "depth": 2, "batchnorm": False,
+            "in_channels": 1, "num_classes": 10, "image_size": [8, 8]}
+    model = build_model(spec)
+    x, by_hand = torch.zeros(1, 1, 8, 8), 0
+    for m in model.modules():  # a second count, from shapes propagated by hand
+        if isinstance(m, torch.nn.Conv2d):
+            x = m(x)
+            by_hand += x.shape[1] * x.shape[2] * x.shape[3] * m.in_channels * m.kernel_size[0] \
+                * m.kernel_size[1] // m.groups
+        elif isinstance(m, torch.nn.Linear):
+            by_hand += m.in_features * m.out_features
+    spec = {k: v for k, v in spec.items() if k not in ("in_channels", "num_classes",
+                                                       "image_size")}
+    assert study.forward_macs(spec, (8, 8), 1, 10) == by_hand
+
+
+def test_code_version():
+    import convflat
+
+    assert study.code_version("train") == f"convflat-{convflat.__version__}/train-1"
