@@ -310,3 +310,46 @@ def test_prepared_file_layout(digits):
     assert set(obj) == {"format", "name", "x_train", "y_train", "x_test", "y_test", "classes",
                         "mean", "std", "meta"}
     assert data.canonical_name("CIFAR-10") == "cifar10"
+
+
+# ---- the one seeded subset and the one table of sources -------------------------------------
+
+
+def test_seeded_subset_is_a_fixed_random_draw():
+    x = torch.arange(100).reshape(50, 2)
+    y = torch.arange(50)
+    xs, ys = data.seeded_subset(x, y, n=10, seed=3)
+    idx = torch.randperm(50, generator=torch.Generator().manual_seed(3))[:10]
+    assert torch.equal(ys, idx) and torch.equal(xs, x[idx])
+    assert torch.equal(data.seeded_subset(y, n=10, seed=3)[0], ys)  # same rows, any tensors
+    assert not torch.equal(data.seeded_subset(y, n=10, seed=4)[0], ys)
+    assert data.seeded_subset(y, n=None, seed=3)[0] is y
+    assert data.seeded_subset(y, n=50, seed=3)[0] is y
+    assert data.seeded_subset(y, n=80, seed=0)[0] is y
+    with pytest.raises(ValueError, match="differ in length"):
+        data.seeded_subset(x, y[:3], n=2, seed=0)
+    with pytest.raises(ValueError, match="positive integer"):
+        data.seeded_subset(y, n=0, seed=0)
+
+
+def test_sources_table_drives_the_names(digits):
+    from convflat.sources import SOURCES, find_source
+
+    assert data.DATASETS == (*SOURCES, "npz:PATH", "folder:PATH")
+    for source in SOURCES.values():
+        assert data.canonical_name(source.name.upper()) == source.name
+        for alias in source.aliases:
+            assert data.canonical_name(alias) == source.name and find_source(alias) is source
+        assert data.DEFAULT_AUGMENT[source.name] == {"crop_padding": source.crop_padding,
+                                                     "flip": source.flip}
+        if source.torchvision:
+            cls = data.torchvision_class(source.name)
+            assert cls.__name__ == source.torchvision
+            assert data.torchvision_files(source.name, "r")  # something to fetch by hand
+    assert find_source("npz:/x.npz") is None and find_source("imagenet") is None
+    row = SOURCES["sklearn-digits"]
+    assert (row.split, row.image_size, row.channels, row.classes) == ("random", (8, 8), 1, 10)
+    # the estimate's figure of the training images: the real count within rounding
+    assert abs(row.n_images - digits.x_train.shape[0]) <= 1
+    assert data.torchvision_files("cifar10", "r") == [
+        ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "r/cifar-10-python.tar.gz")]

@@ -346,3 +346,58 @@ def test_bench_train_runs(capsys):
     out = capsys.readouterr().out
     for row in ("resident", "loader/tensor/w0", "loader/pil/w0"):
         assert row in out
+
+
+# ---- the workflow's failure policy -----------------------------------------------------------
+
+
+def test_train_or_record_failure_records_an_unbuildable_run(tmp_path, digits):
+    """A spec that cannot be built is recorded, not raised: status failed, the error, the
+    run id, null metrics, and stand-ins for model.pt / init.pt that say so."""
+    from convflat.io import METRICS
+
+    spec = {"family": "resnet", "width": 4, "depth": 9}  # not 6n+2
+    cfg = {**FAST.to_dict(), "epochs": 1}
+    rec = cftrain.train_or_record_failure(spec, digits, cfg, tmp_path, run_id="depth~9")
+    assert rec["status"] == "failed" and rec["run_id"] == "depth~9"
+    assert rec["error"].startswith("ValueError: ") and "depth" in rec["error"]
+    assert all(rec[k] is None for k in METRICS) and rec["epochs_run"] == 0
+    assert json.loads((tmp_path / "train.json").read_text()) == rec
+    for name in ("model.pt", "init.pt"):
+        stub = torch.load(tmp_path / name, weights_only=True)
+        assert stub["format"] == cftrain.FAILED_FORMAT and stub["error"] == rec["error"]
+
+
+def test_train_or_record_failure_sets_a_foreign_checkpoint_aside(tmp_path, digits, monkeypatch):
+    """A checkpoint of another run (here: another lr) is moved to checkpoint.stale.pt and
+    the run starts from scratch, ending with the weights of a clean run."""
+    cfg = dataclasses.replace(FAST, epochs=2)
+    train(SMALL, digits, cfg, tmp_path / "ref")
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(cftrain, "_final_metrics", killed)  # leaves checkpoint.pt behind
+    with pytest.raises(RuntimeError):
+        train(SMALL, digits, dataclasses.replace(cfg, lr=0.05), tmp_path / "other")
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "other/checkpoint.pt").replace(run / "checkpoint.pt")
+    rec = cftrain.train_or_record_failure(SMALL, digits, cfg.to_dict(), run, run_id="r")
+    assert rec["status"] == "ok" and rec["resumes"] == 0
+    assert (run / cftrain.STALE_CHECKPOINT_FILE).is_file()
+    assert _same(_weights(tmp_path / "ref/model.pt"), _weights(run / "model.pt"))
+
+
+def test_null_metrics_are_io_metrics():
+    from convflat.io import METRICS
+
+    assert set(cftrain._null_metrics()) == {*METRICS, "train_loss_clean", "train_acc_clean"}
+    assert all(v is None for v in cftrain._null_metrics().values())
+
+
+def test_every_trainconfig_field_has_help():
+    for f in dataclasses.fields(TrainConfig):
+        assert isinstance(f.metadata.get("help"), str) and len(f.metadata["help"]) > 10, f.name
+    assert dataclasses.fields(TrainConfig)[0].metadata["help"].startswith("epochs")
