@@ -112,8 +112,8 @@ class TrainConfig:
     seed: int = _option(0, "seed of the initial weights, data order, augmentation and dropout")
     amp: bool = _option(True, "on CUDA, bf16 autocast for the training steps")
     channels_last: bool = _option(
-        True, "train in the channels-last memory format (cuDNN and oneDNN: 1.1-1.4x faster "
-        "steps on a CPU too)")
+        True, "train in the channels-last memory format (faster steps with cuDNN, and with "
+        "oneDNN on a CPU: docs/benchmarks.md)")
     eval_batch_size: int = _option(1000, "images per forward pass when measuring losses")
     device: str = _option("auto", "auto, cpu, cuda or cuda:<i>")
 
@@ -264,7 +264,7 @@ class DeviceData:
             cols = self._cols + offsets[:, 1:]                              # (B, W)
             if flips is not None:
                 cols = torch.where(flips[:, None], cols.flip(1), cols)
-            # two gathers beat one 4-index advanced indexing about 1.5x on CPU
+            # two gathers: faster than one 4-index advanced indexing (docs/benchmarks.md)
             xb = self.x_pad[idx]                                            # (B, C, H+2p, W+2p)
             xb = xb.gather(2, rows[:, None, :, None].expand(b, c, self.h, wp))
             xb = xb.gather(3, cols[:, None, None, :].expand(b, c, self.h, self.w))
