@@ -115,6 +115,11 @@ class TrainConfig:
         True, "train in the channels-last memory format (faster steps with cuDNN, and with "
         "oneDNN on a CPU: docs/benchmarks.md)")
     eval_batch_size: int = _option(1000, "images per forward pass when measuring losses")
+    # -- measurement along the way
+    track_flatness: int | None = _option(
+        1024, "after every epoch, the exact conv trace and relative flatness (docs/math.md "
+        "Eqs. (7), (9)) on this many training images (a seeded subset, seed 0, the same for "
+        "every run) into the history; 0 or unset: off")
     device: str = _option("auto", "auto, cpu, cuda or cuda:<i>")
 
     def __post_init__(self) -> None:
@@ -148,6 +153,10 @@ class TrainConfig:
             bad("crop_padding", "must be a non-negative integer or None")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             bad("nesterov", "needs optimizer='sgd' and momentum > 0")
+        if self.track_flatness is not None and (isinstance(self.track_flatness, bool)
+                                                or not isinstance(self.track_flatness, int)
+                                                or self.track_flatness < 0):
+            bad("track_flatness", "must be a non-negative integer or None")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (``step_milestones`` as a list)."""
@@ -362,6 +371,75 @@ def evaluate(model: nn.Module, data: Any, batch_size: int | None = None) -> tupl
     return loss_sum / count, correct / count
 
 
+#: The seed of the training subset the flatness is tracked on: the same images for every
+#: run (and, at equal size, the subset the workflow's measures see with their default seed).
+FLATNESS_SEED = 0
+#: The per-epoch history keys of the tracked flatness (CurvatureResult fields in brackets).
+FLATNESS_KEYS = {"conv_trace": "trace", "conv_relative_flatness": "relative_flatness"}
+
+
+class FlatnessTracker:
+    """The exact conv trace and relative flatness (docs/math.md Eqs. (7), (9)) of the model
+    after each epoch, on a fixed seeded subset of the training split.
+
+    The subset is the first ``n`` images of :func:`convflat.data.seeded_subset` with
+    :data:`FLATNESS_SEED`, un-augmented, drawn once from its own generator. Each
+    :meth:`measure` is one :func:`convflat.curvature.exact_curvature` call (float64
+    products) in a ``torch.random.fork_rng`` block: it draws nothing from the training
+    generator or the global RNG, leaves the model in the mode it found it in and touches no
+    parameter or gradient, so training goes exactly as without it.
+
+    The call is separate from the stopping rule's evaluation pass: sharing the trunk would
+    save the forward pass of the subset's images only (1,024 of the 50,000 of CIFAR-10) and
+    would make the stopping loss of those images come from the float64 head instead of the
+    model's own forward, so the stop could differ with tracking on and off.
+
+    A model outside the measured class (:class:`convflat.curvature.OutOfClassError`) is
+    said once in the log; then :meth:`measure` returns None values and training goes on.
+    """
+
+    def __init__(self, data: DeviceData, n: int, batch_size: int):
+        from convflat.data import seeded_subset
+
+        x, y = seeded_subset(data.images, data.y, n=n, seed=FLATNESS_SEED)
+        self.x, self.y = x, y  # uint8 (n, C, H, W) and labels, on the device
+        self.mean, self.std = data.mean, data.std
+        self.batch_size = batch_size
+        self.n = int(x.shape[0])
+        self.error: str | None = None  # set when the model cannot be measured
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The subset as normalized float32 batches (NCHW), in order."""
+        for i in range(0, self.n, self.batch_size):
+            yield (normalize(self.x[i : i + self.batch_size], self.mean, self.std),
+                   self.y[i : i + self.batch_size])
+
+    def describe(self) -> dict[str, Any]:
+        """For train.json: the subset and whether the model could be measured."""
+        return {"n_samples": self.n, "subset_seed": FLATNESS_SEED,
+                "keys": list(FLATNESS_KEYS), "error": self.error}
+
+    def measure(self, model: nn.Module) -> dict[str, float | None]:
+        """``{conv_trace, conv_relative_flatness}`` of ``model`` now (None once it failed)."""
+        from convflat.curvature import OutOfClassError, exact_curvature
+
+        if self.error is None:
+            dev = self.x.device
+            devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+                if dev.type == "cuda" else []
+            try:
+                with torch.random.fork_rng(devices=devices):
+                    res = exact_curvature(model, self.batches(), device=dev)
+                return {key: getattr(res, field) for key, field in FLATNESS_KEYS.items()}
+            except OutOfClassError as exc:
+                self.error = f"not in the measured class: {exc}"
+            except ValueError as exc:  # non-finite logits: a net gone bad, not a code error
+                self.error = error_text(exc)
+            log.warning("flatness over training is off for this run (%s); training goes on",
+                        self.error)
+        return dict.fromkeys(FLATNESS_KEYS)
+
+
 # --------------------------------------------------------------------------------------------
 # train()
 # --------------------------------------------------------------------------------------------
@@ -433,9 +511,15 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
     ``epochs_run``, ``stop_reason``, ``converged``, ``steps``, ``train_loss``, ``train_acc``,
     ``test_loss``, ``test_acc`` (eval mode, full splits, losses in nats), ``loss_gap`` = test
     - train loss, ``acc_gap`` = train - test accuracy, ``test_error``, ``train_loss_clean`` /
-    ``train_acc_clean`` (against the labels before noise), ``history`` (per epoch: lr, mean
-    minibatch loss and accuracy in train mode, eval-mode train loss when stopping on it,
-    seconds), ``resumes``, ``files``, ``error``.
+    ``train_acc_clean`` (against the labels before noise), ``lr_at_stop`` (the learning
+    rate of the last step taken), ``flatness_tracking`` (None when off; else the subset's
+    ``n_samples``, ``subset_seed``, ``keys`` and ``error``, why the model could not be
+    measured, or None), ``history`` (per epoch: ``lr`` and ``lr_end``, the learning rates of
+    its first and last steps, mean minibatch ``loss`` and ``acc`` in train mode, eval-mode
+    ``train_loss_eval`` / ``train_acc_eval`` when stopping on it, ``conv_trace`` and
+    ``conv_relative_flatness`` at the epoch's end on the subset when tracking, None where the
+    model cannot be measured (:class:`FlatnessTracker`), ``seconds``), ``resumes``,
+    ``files``, ``error``.
 
     ``progress``: None shows a bar only on a terminal, True always, False never.
     """
@@ -476,6 +560,8 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
                                 crop_padding=cfg.crop_padding, flip=cfg.flip, device=device,
                                 channels_last=channels_last)
         steps = train_data.steps_per_epoch(cfg.batch_size)
+        tracker = FlatnessTracker(train_data, cfg.track_flatness, cfg.eval_batch_size) \
+            if cfg.track_flatness else None
         optimizer = make_optimizer(model, cfg)
         scheduler = make_scheduler(optimizer, cfg, steps)
         state = {"epoch": 0, "history": [], "seconds": 0.0, "stop_reason": None, "resumes": 0}
@@ -486,7 +572,7 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
         seconds_before = state["seconds"]
         try:
             _fit(model, optimizer, scheduler, gen, train_data, prepared, cfg, state, amp,
-                 out_dir, spec, identity, progress, seconds_before, t_start)
+                 out_dir, spec, identity, progress, seconds_before, t_start, tracker)
             status = "diverged" if state["stop_reason"] == "diverged" else "ok"
             metrics = _final_metrics(model, train_data, prepared, cfg, device) \
                 if status == "ok" else _null_metrics()
@@ -498,6 +584,8 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
                                      status="failed"))
             record.update(epochs_run=state["epoch"], stop_reason=state["stop_reason"],
                           converged=False, steps=state["epoch"] * steps, **_null_metrics(),
+                          lr_at_stop=_lr_at_stop(state["history"]),
+                          flatness_tracking=tracker and tracker.describe(),
                           history=state["history"], resumes=state["resumes"],
                           error=f"{type(exc).__name__}: {exc}")
             atomic_write_json(out_dir / RECORD_FILE, _with_versions(record))
@@ -509,6 +597,8 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
     record.update(provenance(device=device, seed=cfg.seed, seconds=seconds, status=status))
     record.update(epochs_run=state["epoch"], stop_reason=state["stop_reason"],
                   converged=converged, steps=state["epoch"] * steps, **metrics,
+                  lr_at_stop=_lr_at_stop(state["history"]),
+                  flatness_tracking=tracker and tracker.describe(),
                   history=state["history"], resumes=state["resumes"], error=None)
     atomic_write_json(out_dir / RECORD_FILE, _with_versions(record))
     ckpt_path.unlink(missing_ok=True)
@@ -583,10 +673,17 @@ def train_or_record_failure(spec: dict[str, Any], prepared: Prepared | str | os.
         return record
 
 
+def _lr_at_stop(history: list[dict]) -> float | None:
+    """The learning rate of the last step taken (None before the first epoch)."""
+    return history[-1]["lr_end"] if history else None
+
+
 def _fit(model, optimizer, scheduler, gen, data: DeviceData, prepared: Prepared,
          cfg: TrainConfig, state: dict, amp: bool, out_dir: Path, spec: dict, identity: dict,
-         progress: bool | None, seconds_before: float, t_start: float) -> None:
-    """The epoch loop: train, maybe measure the train loss, checkpoint, decide to stop."""
+         progress: bool | None, seconds_before: float, t_start: float,
+         tracker: FlatnessTracker | None = None) -> None:
+    """The epoch loop: train, maybe measure the train loss and the flatness (``tracker``),
+    checkpoint, decide to stop."""
     bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=out_dir.name or "train",
                unit="epoch", disable=None if progress is None else not progress, leave=False)
     try:
@@ -597,15 +694,19 @@ def _fit(model, optimizer, scheduler, gen, data: DeviceData, prepared: Prepared,
             loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
             correct = torch.zeros((), dtype=torch.int64, device=data.device)
             count = 0
+            lr_end = lr
             for xb, yb in data.epoch(gen, cfg.batch_size):
+                lr_end = optimizer.param_groups[0]["lr"]  # of the step about to be taken
                 loss, right = train_step(model, optimizer, xb, yb, scheduler, autocast=amp)
                 loss_sum += loss.double() * yb.shape[0]
                 correct += right
                 count += int(yb.shape[0])
             mean_loss = float(loss_sum) / count  # one host sync per epoch
-            entry = {"epoch": state["epoch"] + 1, "lr": lr,
+            entry = {"epoch": state["epoch"] + 1, "lr": lr, "lr_end": lr_end,
                      "loss": mean_loss, "acc": int(correct) / count,
                      "train_loss_eval": None, "train_acc_eval": None}
+            if tracker is not None:
+                entry.update(dict.fromkeys(FLATNESS_KEYS))
             state["epoch"] += 1
             if not math.isfinite(mean_loss):
                 state["stop_reason"] = "diverged"
@@ -618,6 +719,8 @@ def _fit(model, optimizer, scheduler, gen, data: DeviceData, prepared: Prepared,
                     state["stop_reason"] = "target_loss"
             if state["stop_reason"] is None and state["epoch"] >= cfg.epochs:
                 state["stop_reason"] = "epochs" if cfg.stop_loss is None else "cap"
+            if tracker is not None and state["stop_reason"] != "diverged":
+                entry.update(tracker.measure(model))
             entry["seconds"] = time.perf_counter() - t0
             state["history"].append(entry)
             state["seconds"] = seconds_before + time.perf_counter() - t_start

@@ -188,7 +188,8 @@ def build_runs_table(study: str, run_ids: Sequence[str], hps: Mapping[str, Mappi
     status ok), ``hp_<axis>``, the metrics (:data:`convflat.io.METRICS`), ``m_<measure>``
     for every measure any run asked for (in the order of the first run that has it; NaN
     for a measure that failed or was skipped), then ``epochs_run``, ``stop_reason``,
-    ``train_seconds``, ``measure_seconds``, ``failed_measures`` (``;``-separated) and
+    ``lr_at_stop`` (the learning rate of the last step), ``train_seconds``,
+    ``measure_seconds``, ``failed_measures`` (``;``-separated) and
     ``error`` (why a run is not ok).
     """
     if not len(run_ids) == len(records) == len(measured):
@@ -207,7 +208,8 @@ def build_runs_table(study: str, run_ids: Sequence[str], hps: Mapping[str, Mappi
         values = mea.get("values") or {}
         row.update({f"{MEASURE_PREFIX}{name}": values.get(name) for name in names})
         row.update({"epochs_run": rec.get("epochs_run"), "stop_reason": rec.get("stop_reason"),
-                    "train_seconds": rec.get("seconds"), "measure_seconds": mea.get("seconds"),
+                    "lr_at_stop": rec.get("lr_at_stop"), "train_seconds": rec.get("seconds"),
+                    "measure_seconds": mea.get("seconds"),
                     "failed_measures": ";".join(mea.get("failed") or []), "error": error})
         rows.append(row)
     runs = pd.DataFrame(rows)

@@ -17,6 +17,17 @@ Each repeat times ``--steps`` optimizer steps after ``--warmup`` steps, round-ro
 pipelines so background load hits them alike; the table gives median images/s of full
 training steps and of the data alone, and the ratio resident / pipeline. Nothing is
 asserted: the figures are for docs/training.md.
+
+``python -m convflat.bench train --flatness [--n-synthetic 2048] [--repeats 3]`` instead times
+what tracking the flatness over training adds to an epoch's end: the stopping rule's
+evaluation pass over the whole training split (:func:`convflat.train.evaluate`, eval mode)
+alone, and followed by :class:`convflat.train.FlatnessTracker` (the exact conv trace and
+relative flatness on its 1,024-image subset, what ``track_flatness`` does), in turn within
+each repeat; the ratio is the median of the per-repeat ratios. Models: the CIFAR ResNet-18
+of ``bench curvature`` on synthetic CIFAR-shaped images (``--n-synthetic`` of them are the
+training split; the last column projects the ratio to CIFAR-10's 50,000, the evaluation
+growing with N and the flatness not), and the quick study's gapcnn nets on the digits.
+The figures are for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -36,7 +47,26 @@ from torch.utils.data import DataLoader, Dataset
 from convflat.data import load_prepared, prepare
 from convflat.io import resolve_device
 from convflat.models import build_model
-from convflat.train import DeviceData, TrainConfig, make_optimizer, train_step
+from convflat.train import (
+    DeviceData,
+    FlatnessTracker,
+    TrainConfig,
+    evaluate,
+    make_optimizer,
+    train_step,
+)
+
+#: The models of ``--flatness``: (dataset, name, spec without the data's keys).
+FLATNESS_MODELS = (
+    ("cifar-synthetic", "resnet18-cifar", {"family": "resnet", "depth": 18}),
+    *(("digits", f"gapcnn-w{w}-d{d}-bn", {"family": "gapcnn", "width": w, "depth": d,
+                                           "batchnorm": True})
+      for w in (8, 16) for d in (2, 3)),
+    ("digits", "gapcnn-w16-d3", {"family": "gapcnn", "width": 16, "depth": 3,
+                                 "batchnorm": False}),
+)
+#: The training split the ResNet-18 row is projected to (CIFAR-10).
+CIFAR_TRAIN = 50_000
 
 
 class _TensorImages(Dataset):
@@ -116,6 +146,7 @@ def _time(batches: Iterator, step: Callable | None, n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with the command-line arguments ``argv``; prints the table."""
     p = argparse.ArgumentParser(prog="python -m convflat.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["cifar-synthetic", "digits"])
@@ -135,10 +166,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch threads of the main process")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the medians to this JSON file")
+    p.add_argument("--flatness", action="store_true",
+                   help="time evaluation + flatness tracking against evaluation alone "
+                        "(see above) instead of the data pipelines")
+    p.add_argument("--flatness-images", type=int, default=1024,
+                   help="--flatness: the tracked subset (TrainConfig.track_flatness)")
+    p.add_argument("--eval-batch-size", type=int, default=1000,
+                   help="--flatness: images per evaluation batch (TrainConfig's default)")
+    p.add_argument("--models", nargs="+",
+                   help="--flatness: only these rows (" +
+                        ", ".join(name for _, name, _ in FLATNESS_MODELS) + ")")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.flatness:
+        return _flatness_main(args, device)
     flip = not args.no_flip
     spec0 = json.loads(args.spec)
     rows = []
@@ -210,6 +253,63 @@ def _bench_dataset(name, x, y, mean, std, pad, flip, spec0, device, args) -> lis
                      "train_images_per_s": n_img / statistics.median(times[key]["train"]),
                      "data_images_per_s": n_img / statistics.median(times[key]["data"])})
     return rows
+
+
+def _flatness_main(args, device: torch.device) -> int:
+    """``--flatness``: one Markdown row per model, printed as it finishes."""
+    from convflat.bench.curvature import _interleaved, _ratio
+
+    known = [m[1] for m in FLATNESS_MODELS]
+    unknown = sorted(set(args.models or ()) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown --models {unknown}; choose from {known}")
+    models = [m for m in FLATNESS_MODELS if not args.models or m[1] in args.models]
+    print(f"# device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"flatness on {args.flatness_images} images, evaluation batches of "
+          f"{args.eval_batch_size}, median of {args.repeats} repeats")
+    print("| dataset | model | N (training split) | evaluation (s) | evaluation + flatness (s) "
+          f"| ratio | ratio at N = {CIFAR_TRAIN:,} |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = _datasets(sorted({m[0] for m in models}), args.n_synthetic, tmp)
+        for dataset, name, spec0 in models:
+            x, y, mean, std, _ = sets[dataset]
+            spec = {**spec0, "in_channels": int(x.shape[1]), "num_classes": int(y.max()) + 1,
+                    "image_size": [int(x.shape[2]), int(x.shape[3])]}
+            torch.manual_seed(0)
+            model = build_model(spec).to(device).to(memory_format=torch.channels_last)
+            data = DeviceData(x, y, mean, std, device=device, channels_last=True)
+            tracker = FlatnessTracker(data, args.flatness_images, args.eval_batch_size)
+
+            def ev(model=model, data=data):
+                return evaluate(model, data.eval_batches(args.eval_batch_size))
+
+            def ev_flat(model=model, tracker=tracker, ev=ev):
+                ev()
+                return tracker.measure(model)
+
+            ev_flat()  # warm-up, and the check that the model is measured
+            if tracker.error:
+                raise SystemExit(f"{name}: {tracker.error}")
+            times = _interleaved({"eval": ev, "eval+flatness": ev_flat}, device, args.repeats)
+            ratio = _ratio(times, "eval+flatness", "eval")
+            n = len(data)
+            projected = (1 + (ratio - 1) * n / CIFAR_TRAIN) if dataset == "cifar-synthetic" \
+                else None
+            row = {"dataset": dataset, "model": name, "n": n,
+                   "eval_s": statistics.median(times["eval"]),
+                   "eval_flatness_s": statistics.median(times["eval+flatness"]),
+                   "ratio": ratio, "ratio_at_cifar10": projected}
+            rows.append(row)
+            print(f"| {dataset} | {name} | {n} | {row['eval_s']:.3f} | "
+                  f"{row['eval_flatness_s']:.3f} | {ratio:.2f} | "
+                  f"{'-' if projected is None else f'{projected:.2f}'} |", flush=True)
+    if args.json:
+        from convflat.io import atomic_write_json, provenance
+
+        atomic_write_json(args.json, {"flatness_rows": rows, **provenance(device=device)})
+    return 0
 
 
 def _sync(out, device: torch.device):

@@ -57,7 +57,7 @@ MODEL_FLAGS = {  # flag -> (spec key, argparse kwargs)
 }
 
 #: TrainConfig integer fields that may be 0 (every other integer field must be positive).
-_NON_NEGATIVE = {"seed", "crop_padding"}
+_NON_NEGATIVE = {"seed", "crop_padding", "track_flatness"}
 
 #: Files a run directory may hold that belong to the run; --overwrite removes exactly these.
 RUN_FILES = ("model.pt", "init.pt", "checkpoint.pt", "train.json", "checkpoint.stale.pt",
