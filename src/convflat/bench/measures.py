@@ -2,7 +2,7 @@
 
     python -m convflat.bench measures [--width 16] [--depth 3] [--steps 300] [--repeats 3]
                                       [--measures default|all|a,b] [--threads N] [--device cpu]
-                                      [--invariance]
+                                      [--invariance] [--spread --nets 8x3:0.001 --seeds 5]
 
 Trains a GAP CNN (the quick study's ``gapcnn`` family) on scikit-learn's digits (1797 8 x 8
 images, no download) in-process, then times every measure stand-alone (a fresh context per
@@ -13,8 +13,17 @@ prints medians over repeats, the ratio to one forward pass over the data, and th
 the workflow's measure rule. Prints; never asserts on time.
 
 ``--invariance`` instead prints, as a markdown table, every measure before and after the
-function-preserving rescaling of the last conv's filters
-(:func:`convflat.measures.invariance_table`), for the same trained model (no BatchNorm).
+function-preserving rescaling (:func:`convflat.measures.invariance_table`: the last conv's
+filters without BatchNorm, conv filters with their running statistics with it).
+
+``--spread`` instead measures the stochastic measures' noise on quick-study nets
+(:func:`spread`): it trains BatchNorm gapcnns like the quick study's (SGD, momentum 0.9,
+lr 0.1 cosine, batch 128, 20 epochs on the 1437 training digits; ``--nets`` width x depth and
+weight decay), then on 256 training images runs every stochastic measure at its defaults with
+``--seeds`` seeds, and once as a long run (many more draws, probes or ascent steps; exact
+where that exists), and prints a markdown table per net: the mean over seeds, the relative
+standard deviation and the relative range (max - min)/mean across seeds, the long-run value,
+the default mean's relative distance from it, and the median seconds of one default run.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line of ``python -m convflat.bench measures`` (module docstring)."""
     from convflat.measures import compute_measures, cost_table, resolve_names
 
     ap = argparse.ArgumentParser(prog="python -m convflat.bench measures", description=__doc__)
@@ -77,10 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--invariance", action="store_true",
-                    help="print the filter-rescaling invariance table (markdown) instead")
+                    help="print the rescaling invariance table (markdown) instead")
+    ap.add_argument("--spread", action="store_true",
+                    help="print the stochastic measures' spread across seeds and distance "
+                    "from a long run, on quick-study nets, instead")
+    ap.add_argument("--nets", default="8x3:0.001,16x3:0.01",
+                    help="--spread: comma-separated WIDTHxDEPTH:WEIGHT_DECAY (BatchNorm nets)")
+    ap.add_argument("--seeds", type=int, default=5, help="--spread: seeds per measure")
+    ap.add_argument("--n-samples", type=int, default=256,
+                    help="--spread: training images measured (the quick study's 256)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.spread:
+        return spread_main(args)
     torch.manual_seed(args.seed)
     x, y = _digits()
     model = _model(args.width, args.depth, args.batchnorm)
@@ -130,14 +150,13 @@ def _fmt(v) -> str:
 def _invariance(model, init, x, y, names, args) -> int:
     from convflat.measures import invariance_table
 
-    if args.batchnorm:
-        print("the rescaling is function-preserving only without BatchNorm after the last conv")
-        return 2
     t = time.perf_counter()
     table = invariance_table(model, (x, y), init_model=init, names=names, seed=args.seed,
                              device=args.device)
-    print(f"invariance table in {time.perf_counter() - t:.1f} s; alphas log-uniform in "
-          f"[1/3, 3], seed {args.seed}")
+    how = ("every conv with its BatchNorm's running statistics, the last BatchNorm against the "
+           "classifier" if args.batchnorm else "the last conv's filters against the classifier")
+    print(f"invariance table in {time.perf_counter() - t:.1f} s; rescaling {how}, factors "
+          f"log-uniform in [1/3, 3], seed {args.seed}")
     print()
     print("| measure | before | after | relative change | changed | theory | agrees |")
     print("|---|---|---|---|---|---|---|")
@@ -145,4 +164,152 @@ def _invariance(model, init, x, y, names, args) -> int:
         print(f"| {r.measure} | {_fmt(r.before)} | {_fmt(r.after)} | "
               f"{_fmt(r.relative_change)} | {_fmt(r.changed)} | {r.theory} | "
               f"{_fmt(r.agrees)} |")
+    return 0
+
+
+# ------------------------------------------------------------------ --spread
+
+
+def _train_quick(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
+                 weight_decay: float, seed: int) -> float:
+    """The quick study's recipe: SGD (momentum 0.9, L2 weight decay), lr 0.1 with a cosine
+    schedule, batch 128, ``epochs`` passes over (x, y) in a seeded order; train accuracy."""
+    steps_per_epoch = -(-x.shape[0] // 128)
+    total = epochs * steps_per_epoch
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], 128):
+            idx = order[i:i + 128]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+#: per stochastic measure: its default-parameter overrides for the table (none: the
+#: registered defaults), and the long run(s) it is compared with; the long-run value is the
+#: largest over the listed runs for the ascents (each is a lower bound on the maximum), the
+#: value of the single run otherwise. "exact" means the entry's own exact reference.
+_SPREAD: dict[str, dict] = {
+    "pacbayes_flatness": {"long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
+                          "key": "sigma"},
+    "pacbayes_flatness@jiang": {"measure": "pacbayes_flatness",
+                                "params": {"mc_samples": 5, "tol": 0.01, "depth": 10},
+                                "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
+                                "key": "sigma"},
+    "sharpness_worst": {"long": [{"tol": 0.0, "max_steps": 300, "step_fraction": f}
+                                 for f in (0.5, 0.2, 0.1, 0.05)], "take": "max"},
+    "sharpness_adaptive": {"long": [{"tol": 0.0, "max_steps": 300, "step_fraction": f}
+                                    for f in (0.5, 0.2, 0.1, 0.05)], "take": "max"},
+    # the old fixed 5 steps, for comparison with the converged default
+    "sharpness_worst@5": {"measure": "sharpness_worst", "params": {"max_steps": 5, "tol": 0.0},
+                          "long": [{"tol": 0.0, "max_steps": 300, "step_fraction": f}
+                                   for f in (0.5, 0.2, 0.1, 0.05)], "take": "max"},
+    "sharpness_adaptive@5": {"measure": "sharpness_adaptive",
+                             "params": {"max_steps": 5, "tol": 0.0},
+                             "long": [{"tol": 0.0, "max_steps": 300, "step_fraction": f}
+                                      for f in (0.5, 0.2, 0.1, 0.05)], "take": "max"},
+    "sharpness_avg": {"long": [{"samples": 400}]},
+    "hutchinson_trace": {"long": [{"probes": 240, "groups": 8}]},
+    "hutchinson_conv_trace": {"long": "exact"},
+    "hessian_top_eigenvalue": {"long": [{"method": "eigsh", "tol": 1e-8}]},
+    "conv_top_eigenvalue": {"long": [{"method": "gram", "dense_max": 4096}]},
+}
+
+
+def spread(model, init, data, *, seeds: int, names: list[str] | None = None,
+           device: str = "cpu") -> list[dict]:
+    """Rows ``{measure, params, key, mean, rel_std, rel_range, long, rel_distance, seconds,
+    steps}`` for the stochastic measures of :data:`_SPREAD` (``names``: a subset)."""
+    from convflat.measures import MEASURES
+
+    rows = []
+    for label, spec in _SPREAD.items():
+        if names is not None and label not in names:
+            continue
+        name = spec.get("measure", label)
+        key = spec.get("key", "value")
+        params = spec.get("params", {})
+        vals, secs, steps = [], [], []
+        entry = None
+        for s in range(seeds):
+            entry = MEASURES[name](model, data, init_model=init, device=device, seed=s,
+                                   **params)
+            if entry["status"] != "ok":
+                raise RuntimeError(f"{name} (seed {s}): {entry['error']}")
+            vals.append(float(entry[key]))
+            secs.append(entry["seconds"])
+            if "steps" in entry:
+                steps.append(entry["steps"])
+        if spec["long"] == "exact":
+            long = float(entry["exact"])
+        else:
+            longs = []
+            for lp in spec["long"]:
+                e = MEASURES[name](model, data, init_model=init, device=device, seed=0, **lp)
+                if e["status"] != "ok":
+                    raise RuntimeError(f"{name} long run {lp}: {e['error']}")
+                longs.append(float(e[key]))
+            long = max(longs) if spec.get("take") == "max" else longs[0]
+        mean = statistics.fmean(vals)
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append({
+            "measure": label, "params": params or "defaults", "key": key, "mean": mean,
+            "rel_std": sd / abs(mean) if mean else float("nan"),
+            "rel_range": (max(vals) - min(vals)) / abs(mean) if mean else float("nan"),
+            "long": long, "rel_distance": (mean - long) / abs(long) if long else float("nan"),
+            "seconds": statistics.median(secs),
+            "steps": f"{min(steps)}-{max(steps)}" if steps else "",
+        })
+    return rows
+
+
+def spread_main(args) -> int:
+    """``--spread``: train the ``--nets`` and print a :func:`spread` table for each."""
+    import platform
+
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(d.target), generator=g)
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)[perm] / 16.0
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target, dtype=torch.long)[perm]
+    x_train, y_train = x[:1437], y[:1437]
+    sub = torch.randperm(1437, generator=g)[:args.n_samples]
+    data = (x_train[sub], y_train[sub])
+    names = None if args.measures == "default" else args.measures.split(",")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"threads {torch.get_num_threads()}; seeds 0..{args.seeds - 1}; "
+          f"{args.n_samples} training images measured")
+    for net in args.nets.split(","):
+        arch, wd = net.split(":")
+        width, depth = (int(v) for v in arch.split("x"))
+        torch.manual_seed(args.seed)
+        model = _model(width, depth, batchnorm=True)
+        init = copy.deepcopy(model)
+        t = time.perf_counter()
+        acc = _train_quick(model, x_train, y_train, epochs=20, weight_decay=float(wd),
+                           seed=args.seed)
+        print(f"\n### gapcnn width {width}, depth {depth}, BatchNorm, weight decay {wd}: "
+              f"train accuracy {acc:.3f} ({time.perf_counter() - t:.0f} s to train)\n")
+        t = time.perf_counter()
+        rows = spread(model, init, data, seeds=args.seeds, names=names, device=args.device)
+        print("| measure | params | of | mean | rel. std | rel. range | long run | "
+              "mean vs long | s/run | steps |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['measure']} | {r['params']} | {r['key']} | {r['mean']:.5g} | "
+                  f"{r['rel_std']:.2%} | {r['rel_range']:.2%} | {r['long']:.5g} | "
+                  f"{r['rel_distance']:+.2%} | {r['seconds']:.2f} | {r['steps']} |")
+        print(f"\n({time.perf_counter() - t:.0f} s)")
     return 0
