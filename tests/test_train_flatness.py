@@ -157,3 +157,21 @@ def test_model_outside_the_class_trains_and_records_no_flatness(tmp_path, digits
         [(None, None)] * 2
     a, b = _weights(tmp_path / "off" / "model.pt"), _weights(tmp_path / "on" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bench_flatness_row(capsys):
+    """``bench train --flatness`` prints one row per model; evaluation + flatness takes
+    longer than evaluation alone (on the digits the flatness subset is 1,024 of 1,438
+    images and costs several evaluation passes); the projection is for CIFAR rows only."""
+    from convflat.bench import train as bench
+
+    assert bench.main(["--flatness", "--models", "gapcnn-w8-d2-bn", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| digits |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == "gapcnn-w8-d2-bn" and int(cells[2]) == 1438
+    assert float(cells[4]) > float(cells[3]) > 0 and float(cells[5]) > 1
+    assert cells[6] == "-"
+    with pytest.raises(SystemExit, match="unknown --models"):
+        bench.main(["--flatness", "--models", "vgg"])
