@@ -538,9 +538,10 @@ def _machine_lock(timeout: float) -> Iterator[None]:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except BlockingIOError as exc:
                 if time.monotonic() > deadline:
-                    raise SlurmError(f"another test cluster held {LOCK_FILE} for {timeout} s")
+                    raise SlurmError(
+                        f"another test cluster held {LOCK_FILE} for {timeout} s") from exc
                 time.sleep(1)
         try:
             yield
