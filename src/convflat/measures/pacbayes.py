@@ -44,7 +44,7 @@ so that it is the KL of the perturbed posterior to the prior :math:`N(w_0, \sigm
 Defaults: ``mc_samples=128`` draws per trial, ``tol=0.005``, ``depth=14``. On three quick-study
 nets (BatchNorm gapcnns trained on digits, 256 training images, seeds 0-9) the sigma found
 varies across seeds by a relative standard deviation of 1.2-2.4 % and a relative range
-(max - min)/mean of 2.4-4.8 %, and the mean over seeds is within 0.8 % of a 512-draw search.
+(max - min)/mean of 2.4-4.8 %, and the mean over seeds is within 1 % of a 512-draw search.
 With 64 draws: 1.6-3.3 % and 4.8-9.3 %; with Jiang et al.'s 5 draws and tolerance 0.01:
 7.5-8.8 % and about 19 % (5 seeds). The price: up to 128 x 14 forward passes over the data per
 search (the search stops at the first trial within ``tol``), against Jiang et al.'s 5 x 10.
