@@ -201,6 +201,9 @@ def _train_quick(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
 _SPREAD: dict[str, dict] = {
     "pacbayes_flatness": {"long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
                           "key": "sigma"},
+    "pacbayes_flatness@64": {"measure": "pacbayes_flatness", "params": {"mc_samples": 64},
+                             "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
+                             "key": "sigma"},
     "pacbayes_flatness@jiang": {"measure": "pacbayes_flatness",
                                 "params": {"mc_samples": 5, "tol": 0.01, "depth": 10},
                                 "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
