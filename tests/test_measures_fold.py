@@ -375,3 +375,26 @@ def test_sharpness_defaults_reach_the_long_ascent_maximum(nets, batchnorm, name,
     assert want > 0
     # within 1 % of the long ascent's maximum
     assert abs(got["value"] - want) / want < 1e-2, (got["value"], want, got["steps"])
+
+
+def test_bench_spread_rows_are_the_statistics_of_separate_runs(nets):
+    """`python -m convflat.bench measures --spread` reports, per measure, the mean, relative
+    standard deviation and range over seeds and the distance from the long run: recomputed
+    here from separate calls of the measure."""
+    import statistics
+
+    from convflat.bench.measures import spread
+
+    model, init = nets[True]
+    x, y = digits(48)
+    (row,) = spread(model, init, (x, y), seeds=3, names=["sharpness_avg"])
+    vals = [MEASURES["sharpness_avg"](model, (x, y), device="cpu", seed=s)["value"]
+            for s in range(3)]
+    long = MEASURES["sharpness_avg"](model, (x, y), device="cpu", seed=0, samples=400)["value"]
+    mean = statistics.fmean(vals)
+    assert row["mean"] == pytest.approx(mean, rel=1e-12)
+    assert row["rel_std"] == pytest.approx(statistics.stdev(vals) / mean, rel=1e-9)
+    assert row["rel_range"] == pytest.approx((max(vals) - min(vals)) / mean, rel=1e-9)
+    assert row["long"] == pytest.approx(long, rel=1e-12)
+    assert row["rel_distance"] == pytest.approx((mean - long) / long, rel=1e-9)
+    assert row["rel_std"] > 0  # different seeds draw different noise
