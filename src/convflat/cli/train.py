@@ -18,9 +18,8 @@ model that ``convflat curvature`` would refuse is refused here too, naming the o
 ``--no-check-head``.
 
 The training flags are made from :class:`convflat.train.TrainConfig`'s fields (name, type,
-default, ``metadata["help"]``), read from the source of ``convflat/train.py`` so that
-``convflat train --help`` does not import torch; tests/test_cli_train.py checks them against
-the dataclass itself.
+default, ``metadata["help"]``) of :mod:`convflat.train_config`, a module without torch, so
+that ``convflat train --help`` stays fast.
 
 Exit status 0 also for a diverged run (``status: "diverged"`` in train.json); 2 for bad input.
 """
@@ -28,10 +27,8 @@ Exit status 0 also for a diverged run (``status: "diverged"`` in train.json); 2 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import sys
@@ -69,50 +66,16 @@ class ConfigField:
     """One TrainConfig field as the command line needs it."""
 
     name: str
-    annotation: str    # as written in the source: "int", "float | None", "tuple[float, ...]"
+    annotation: str    # as written: "int", "float | None", "tuple[float, ...]"
     default: Any
     help: str
     choices: tuple | None = None
 
 
-def _fields_from_source() -> list[ConfigField]:
-    """TrainConfig's fields read from convflat/train.py's syntax tree, without importing it
-    (which would import torch). Each field must be ``name: type = _option(default, help,
-    [choices=CONSTANT])`` with literal default and help; anything else raises."""
-    spec = importlib.util.find_spec("convflat.train")
-    if spec is None or not spec.origin:
-        raise LookupError("convflat.train has no source file")
-    tree = ast.parse(Path(spec.origin).read_text())
-    constants: dict[str, Any] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and \
-                isinstance(node.targets[0], ast.Name):
-            try:
-                constants[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
-    fields = []
-    for node in cls.body:
-        if not isinstance(node, ast.AnnAssign):
-            continue
-        call = node.value
-        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
-                and call.func.id == "_option" and len(call.args) == 2):
-            raise LookupError(f"TrainConfig.{ast.unparse(node.target)} is not an _option(...)")
-        choices = None
-        for kw in call.keywords:
-            if kw.arg == "choices":
-                choices = tuple(constants[kw.value.id] if isinstance(kw.value, ast.Name)
-                                else ast.literal_eval(kw.value))
-        fields.append(ConfigField(node.target.id, ast.unparse(node.annotation),
-                                  ast.literal_eval(call.args[0]),
-                                  ast.literal_eval(call.args[1]), choices))
-    return fields
-
-
-def _fields_from_class() -> list[ConfigField]:
-    from convflat.train import TrainConfig
+def config_fields() -> list[ConfigField]:
+    """TrainConfig's fields, from :mod:`convflat.train_config` (which imports no torch, so
+    ``--help`` stays fast)."""
+    from convflat.train_config import TrainConfig
 
     out = []
     for f in dataclasses.fields(TrainConfig):
@@ -120,17 +83,6 @@ def _fields_from_class() -> list[ConfigField]:
         out.append(ConfigField(f.name, str(f.type), f.default, meta.get("help", ""),
                                tuple(meta["choices"]) if meta.get("choices") else None))
     return out
-
-
-def config_fields() -> list[ConfigField]:
-    """TrainConfig's fields: from the class if convflat.train is already imported, else from
-    its source (so that ``--help`` does not import torch), else from the class after all."""
-    if "convflat.train" in sys.modules:
-        return _fields_from_class()
-    try:
-        return _fields_from_source()
-    except (LookupError, ValueError, SyntaxError, StopIteration, KeyError, OSError):
-        return _fields_from_class()
 
 
 def _config_argument(p, field: ConfigField) -> None:
@@ -230,7 +182,7 @@ def build_spec(args: argparse.Namespace) -> dict:
 
 def build_config(args: argparse.Namespace):
     """The TrainConfig of the flags (each flag's default is the field's default)."""
-    from convflat.train import TrainConfig
+    from convflat.train_config import TrainConfig
 
     given = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_dict(given)
