@@ -146,6 +146,12 @@ def test_correlation_tables(study):
     assert "\\toprule" in (workdir / "results/tables/tiny/correlation.tex").read_text()
     summary = read_csv(workdir / "results/tables/tiny/runs_summary.csv")
     assert len(summary) == 4
+    # the headline: written by its rule, our two measures in the loss-gap table
+    headline = (workdir / "results/tables/tiny/headline.md").read_text()
+    assert headline.startswith("# tiny\n") and "(the `headline` rule)" in headline
+    loss_gap_table = headline.split("## loss gap")[1].split("## ")[0]
+    for name in ("conv_trace", "conv_relative_flatness"):
+        assert f"**{name} (ours)** |" in loss_gap_table
 
 
 @pytest.mark.parametrize("figure", [

@@ -86,6 +86,34 @@ rule runs_summary:
         "../scripts/runs_summary.py"
 
 
+rule headline:
+    input:
+        correlation=rules.correlation.output.csv,
+        runs=rules.collect.output.runs,
+    output:
+        md=report(
+            "results/tables/{study}/headline.md",
+            caption="../report/headline.rst",
+            category="{study}",
+            subcategory="tables",
+        ),
+    log:
+        "results/logs/headline/{study}.log",
+    benchmark:
+        "results/benchmarks/headline/{study}.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("analysis", "mem_mb"),
+        runtime=res("analysis", "runtime"),
+    params:
+        analysis=config["analysis"],
+        version=code_version("analysis"),
+    script:
+        "../scripts/headline.py"
+
+
 rule figure:
     input:
         unpack(figure_inputs),

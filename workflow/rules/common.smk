@@ -206,7 +206,7 @@ def notebook_template(name):
 def study_targets(study):
     """Every table, figure and notebook of one study."""
     out = [rules.collect.output.runs.format(study=study)]
-    for table in (rules.correlation, rules.runs_summary):
+    for table in (rules.correlation, rules.runs_summary, rules.headline):
         out += [f.format(study=study) for f in table.output]
     for name, fig in FIGURES.items():
         if fig.when is None or STUDIES[study][fig.when]:
