@@ -51,3 +51,14 @@ def test_prepared_data_is_group_and_world_readable_under_umask_022(tmp_path, uma
     assert main(["prepare", "--data", "sklearn-digits", "--root", str(tmp_path),
                  "--out", str(out)]) == 0
     assert _mode(out) == 0o644
+
+
+def test_first_difference_names_the_first_differing_key():
+    from convflat.io import first_difference
+
+    a = {"spec": {"width": 8, "depth": 3}, "config": {"lr": 0.1}}
+    assert first_difference(a, {"spec": {"width": 8, "depth": 3}, "config": {"lr": 0.1}}) is None
+    assert first_difference(a, {"spec": {"width": 16, "depth": 3}, "config": {"lr": 0.2}}) == \
+        ("spec.width", 8, 16)
+    assert first_difference(a, {**a, "extra": 1}) == ("extra", None, 1)
+    assert first_difference({"x": [1, 2]}, {"x": [1, 3]}) == ("x", [1, 2], [1, 3])

@@ -191,3 +191,16 @@ def iter_batches(
             yield item["x"], item["y"]
         else:
             yield item[0], item[1]
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first place where two nested dicts differ, as ``(dotted key, a's value, b's
+    value)`` (a key missing on one side has the value None there); None when they are equal.
+    Keys are visited in ``a``'s order, then those only ``b`` has."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            diff = first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if diff:
+                return diff
+        return None
+    return None if a == b else (path, a, b)

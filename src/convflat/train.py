@@ -48,6 +48,7 @@ from convflat.io import (
     METRICS,
     atomic_torch_save,
     atomic_write_json,
+    first_difference,
     iter_batches,
     provenance,
     resolve_device,
@@ -354,14 +355,9 @@ def run_identity(spec: dict[str, Any], cfg: TrainConfig, prepared: Prepared) -> 
     return json.loads(json.dumps({"spec": spec, "config": hp, "data": data}))
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            diff = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
-            if diff:
-                return diff
-        return None
-    return None if a == b else f"{path}: {a!r} in the checkpoint, {b!r} now"
+def _first_difference(a: Any, b: Any) -> str | None:
+    diff = first_difference(a, b)
+    return None if diff is None else f"{diff[0]}: {diff[1]!r} in the checkpoint, {diff[2]!r} now"
 
 
 def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,

@@ -188,14 +188,11 @@ def build_config(args: argparse.Namespace):
     return TrainConfig.from_dict(given)
 
 
-def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in list(old) + [k for k in new if k not in old]:
-            diff = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
-            if diff:
-                return diff
-        return None
-    return None if old == new else f"{path} is {old!r} there, {new!r} now"
+def _first_difference(old: Any, new: Any) -> str | None:
+    from convflat.io import first_difference
+
+    diff = first_difference(old, new)
+    return None if diff is None else f"{diff[0]} is {diff[1]!r} there, {diff[2]!r} now"
 
 
 def _existing_run(out: Path, identity: dict, run_hash: str) -> tuple[str, str]:
