@@ -40,10 +40,10 @@ from convflat.curvature.plan import (
     _eval_mode,
     _head,
     _model_device,
-    _model_dtype,
     _Plan,
     _trunk,
     _Workspace,
+    model_dtype,
 )
 from convflat.io import iter_batches, resolve_device
 
@@ -367,7 +367,7 @@ def exact_curvature(
     if _model_device(model) != dev:
         model = copy.deepcopy(model).to(dev)
     head = find_head(model, layer=layer)
-    mdtype = _model_dtype(model)
+    mdtype = model_dtype(model)
     with _eval_mode(model):
         run = _Measurement(model, head, dev, dtype, route, chunk_bytes,
                            options or CurvatureOptions())

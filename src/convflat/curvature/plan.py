@@ -338,11 +338,13 @@ class _eval_mode:
         return False
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first floating-point parameter (torch's default dtype for a
+    model without one): the dtype inputs are cast to, here and in :mod:`convflat.measures`."""
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
-    return torch.float32
+    return torch.get_default_dtype()
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -382,5 +384,5 @@ def head_batch(
     device = x.device
     with _eval_mode(model):
         plan = _Plan(model, head, device, dtype)
-        x = x.to(dtype=_model_dtype(model))
+        x = x.to(dtype=model_dtype(model))
         return _run_head(plan, x, y, 0)

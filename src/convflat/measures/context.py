@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convflat.curvature.plan import model_dtype
 from convflat.io import iter_batches, resolve_device
 
 __all__ = ["Context", "perturbed", "seeded"]
@@ -64,13 +65,6 @@ def perturbed(params: Sequence[nn.Parameter], deltas: Sequence[torch.Tensor]) ->
                 p.copy_(s)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
-
-
 class Context:
     """Model, data and cache for one set of measures (see the module docstring).
 
@@ -101,7 +95,7 @@ class Context:
         self.model = copy.deepcopy(model).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(True)
-        self.dtype = _model_dtype(self.model)
+        self.dtype = model_dtype(self.model)
         self.init_model = None
         if init_model is not None:
             self.init_model = copy.deepcopy(init_model).to(self.device).eval()
