@@ -42,23 +42,33 @@ def test_quick_study_plan():
     config = load("quick.yaml")
     runs = study.expand_studies(config)
     digits = runs["digits"]
-    assert len(digits) == 2 * 2 * 3 * 2
+    assert len(digits) == 2 * 2 * 2 * 2 * 2
     ids = list(digits)
-    assert ids[:4] == ["width~8/depth~2/wd~0/seed~0", "width~8/depth~2/wd~0/seed~1",
-                       "width~8/depth~2/wd~0.001/seed~0", "width~8/depth~2/wd~0.001/seed~1"]
-    assert ids[-1] == "width~16/depth~3/wd~0.01/seed~1"
-    run = digits["width~16/depth~2/wd~0.001/seed~1"]
-    assert run.hp == {"width": 16, "depth": 2, "weight_decay": 0.001, "seed": 1}
-    assert run.spec == {"family": "gapcnn", "batchnorm": True, "width": 16, "depth": 2}
-    assert run.train["weight_decay"] == 0.001 and run.train["seed"] == 1
-    assert run.train["epochs"] == 20 and run.train["lr"] == 0.1
-    assert run.prepared == "digits" and run.path == f"digits/{run.run_id}"
+    assert ids[:3] == ["n~300/noise~0/width~8/depth~3/seed~0",
+                       "n~300/noise~0/width~8/depth~3/seed~1",
+                       "n~300/noise~0/width~8/depth~4/seed~0"]
+    assert ids[-1] == "n~1437/noise~0.2/width~16/depth~4/seed~1"
+    run = digits["n~300/noise~0.2/width~16/depth~3/seed~1"]
+    assert run.hp == {"subset": 300, "label_noise": 0.2, "width": 16, "depth": 3, "seed": 1}
+    assert run.spec == {"family": "gapcnn", "batchnorm": True, "width": 16, "depth": 3}
+    assert run.train["seed"] == 1 and run.train["schedule"] == "constant"
+    assert run.train["epochs"] == 300 and run.train["stop_loss"] == 0.01
+    assert "subset" not in run.train and "label_noise" not in run.train
+    assert run.prepared == "digits-n300-noise0.2" and run.path == f"digits/{run.run_id}"
+    assert run.data == {"label_noise": 0.2, "subset": 300}
     wd = runs["digits_wd"]
     assert list(wd) == [f"wd~{w}/seed~{s}" for w in ("0", "0.001", "0.003", "0.01", "0.03")
                         for s in (0, 1)]
     assert wd["wd~0.03/seed~1"].spec == {"family": "gapcnn", "width": 16, "depth": 3,
                                          "batchnorm": False}
-    assert study.prepared_files(config) == {"digits": ("digits", 0.0)}
+    assert wd["wd~0.03/seed~1"].prepared == "digits"
+    assert study.prepared_files(config) == {
+        "digits-n300": ("digits", 0.0, 300), "digits-n300-noise0.2": ("digits", 0.2, 300),
+        "digits-n1437": ("digits", 0.0, 1437), "digits-n1437-noise0.2": ("digits", 0.2, 1437),
+        "digits": ("digits", 0.0, None)}
+    for name in ("digits", "digits_wd"):  # the matched-loss protocol
+        train = config["studies"][name]["train"]
+        assert (train["stop_loss"], train["schedule"]) == (0.01, "constant")
 
 
 def test_default_config_has_131_runs_and_noise_files():
@@ -66,7 +76,10 @@ def test_default_config_has_131_runs_and_noise_files():
     runs = study.expand_studies(config)
     assert sum(len(r) for r in runs.values()) == 131
     names = study.prepared_files(config)
-    assert "cifar10-noise0.2" in names and names["cifar10-noise0.2"] == ("cifar10", 0.2)
+    assert names["cifar10-noise0.2"] == ("cifar10", 0.2, None)
+    for name, s in config["studies"].items():  # the matched-loss protocol (Jiang et al.)
+        assert (s["train"]["stop_loss"], s["train"]["epochs"], s["train"]["schedule"]) == (
+            0.01, 300, "constant"), name
 
 
 def tiny_config(grid: dict, **dataset) -> dict:
@@ -93,7 +106,33 @@ def test_axes_go_where_they_belong():
     assert off.prepared == "d-noise0.2" and on.prepared == "d"
     assert off.spec["dropout"] == 0.5 and off.train["lr"] == 0.01
     assert "label_noise" not in off.train and "label_noise" not in off.spec
-    assert study.prepared_files(config) == {"d": ("d", 0.0), "d-noise0.2": ("d", 0.2)}
+    assert study.prepared_files(config) == {"d": ("d", 0.0, None),
+                                            "d-noise0.2": ("d", 0.2, None)}
+
+
+def test_subset_axis_prepares_one_file_per_size():
+    """A subset value goes to the data (its own prepared file, named after it), never to
+    the model or the training settings; with label noise, one file per combination."""
+    config = tiny_config({"subset": [100, 2000], "label_noise": [0.0, 0.1], "seed": [0]},
+                         label_noise=0.3, subset=500)
+    runs = study.expand_studies(config)["s"]
+    assert list(runs) == ["n~100/noise~0/seed~0", "n~100/noise~0.1/seed~0",
+                          "n~2000/noise~0/seed~0", "n~2000/noise~0.1/seed~0"]
+    r = runs["n~2000/noise~0.1/seed~0"]
+    assert r.prepared == "d-n2000-noise0.1" and r.data == {"subset": 2000, "label_noise": 0.1}
+    assert "subset" not in r.train and "subset" not in r.spec
+    assert runs["n~100/noise~0/seed~0"].prepared == "d-n100"
+    assert study.parse_run_id("n~100/noise~0/seed~0") == {
+        "subset": "100", "label_noise": "0", "seed": "0"}
+    # the dataset's own subset and noise (500, 0.3) are not prepared: every run overrides them
+    assert study.prepared_files(config) == {
+        "d-n100": ("d", 0.0, 100), "d-n100-noise0.1": ("d", 0.1, 100),
+        "d-n2000": ("d", 0.0, 2000), "d-n2000-noise0.1": ("d", 0.1, 2000)}
+    # without the axis the dataset's settings apply and the name carries no size
+    plain = tiny_config({"seed": [0]}, subset=500)
+    assert study.prepared_files(plain) == {"d": ("d", 0.0, None)}
+    assert study.prepared_name("d", 0.2, 64) == "d-n64-noise0.2"
+    assert study.prepared_name("d", 0.0) == "d"
 
 
 def test_run_ids_format_and_parse():
@@ -164,6 +203,9 @@ def test_estimate_adds_up_per_run():
     the epochs (the step and job costs aside)."""
     one = tiny_config({"seed": [0]}, subset=1000)
     two = tiny_config({"seed": [0, 1]}, subset=1000)
+    for config in (one, two):
+        config["studies"]["s"]["train"]["track_flatness"] = 0
+        config["studies"]["s"]["measure"]["whole_split"] = []
     h1, n1 = study.estimate_hours(one, "cpu")
     h2, n2 = study.estimate_hours(two, "cpu")
     assert (n1, n2) == (1, 2) and h2 == pytest.approx(2 * h1)
@@ -172,6 +214,24 @@ def test_estimate_adds_up_per_run():
     expected = (3 * flops * 30 * 1000 / rate["flops"] + 30 * 1000 / 128 * rate["step_seconds"]
                 + study.MEASURE_PASSES * flops * 1000 / rate["flops"] + 2 * rate["job_seconds"])
     assert h1 * 3600 == pytest.approx(expected)
+
+
+def test_estimate_assumes_the_cap_and_counts_the_extra_passes():
+    """With stop_loss a run is costed at its whole epoch cap plus one evaluation pass over
+    the training split per epoch; the tracked flatness and the whole-split measures add
+    their passes; a grid's subset sets the training-set size."""
+    config = tiny_config({"subset": [1000], "seed": [0]})
+    s = config["studies"]["s"]
+    s["train"].update(stop_loss=0.01, epochs=300, track_flatness=200)
+    s["measure"]["n_samples"] = 500
+    hours, n = study.estimate_hours(config, "gpu")
+    rate = study.RATES["gpu"]
+    flops = 2 * study.forward_macs({"family": "gapcnn"}, (32, 32), 3, 10)
+    passes = (3 + 1) * 300 * 1000 + study.TRACK_PASSES * 300 * 200 \
+        + study.MEASURE_PASSES * 500 + study.EXACT_PASSES * 1000
+    expected = (flops * passes / rate["flops"] + 300 * 1000 / 128 * rate["step_seconds"]
+                + 2 * rate["job_seconds"])
+    assert n == 1 and hours * 3600 == pytest.approx(expected)
 
 
 def test_forward_macs_of_a_known_model():

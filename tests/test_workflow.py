@@ -89,7 +89,12 @@ def test_dry_run_default_config():
     # every registered figure of every study (false_friend where asked), and the pooled ones
     n_false_friend = sum(s["false_friend"] for s in config["studies"].values())
     per_study = len([f for f in FIGURES.values() if f.when is None])
-    assert jobs["figure"] == per_study * len(config["studies"]) + n_false_friend
+    n_tracked = len(config["studies"])  # track_flatness is on by default
+    assert FIGURES["flatness_over_training"].when == "train.track_flatness"
+    assert jobs["figure"] == (per_study + 1) * len(config["studies"]) + n_false_friend
+    assert jobs["figure"] == sum(f.wanted(s) for s in config["studies"].values()
+                                 for f in FIGURES.values())
+    assert n_tracked == len(config["studies"])
     assert jobs["overall_figure"] == len([f for f in FIGURES.values() if f.overall])
     # GPU stages ask for one GPU each.
     assert re.search(r"rule train:(?:(?!rule ).)*gpu=1", out(proc), re.S)
@@ -105,8 +110,12 @@ def test_dry_run_quick_config():
     jobs = job_counts(out(proc))
     assert jobs["train"] == jobs["measure"] == sum(len(r) for r in runs.values())
     assert "download" not in jobs  # scikit-learn's digits need no network
-    assert jobs["figure"] == 2 * 3 + 1 and jobs["validation_reference"] == 1
+    assert jobs["figure"] == 2 * 4 + 1 and jobs["validation_reference"] == 1
     assert "wildcards: study=digits_wd, figure=false_friend" in out(proc)
+    assert "wildcards: study=digits, figure=flatness_over_training" in out(proc)
+    # one prepared file per training-set size and noise level of the grid, plus digits_wd's
+    assert jobs["prepare"] == 2 * 2 + 1
+    assert "output: data/prepared/digits-n300-noise0.2.pt" in out(proc)
     assert jobs["overview_notebook"] == len(config["studies"])
     assert "gpu=1" not in out(proc)
 
@@ -152,6 +161,12 @@ def _mutate(config: dict, path: str, value) -> dict:
         # ... and a cross-check of convflat.study.check_config (all tested in test_study.py)
         ("studies.tiny.dataset", "cifar10",
          "config key 'studies.tiny.dataset': 'cifar10' is not one of datasets ['digits']"),
+        # ... and the deep checks: the model spec built, the measure registry (all tested
+        # in-process in test_config_checks.py)
+        ("studies.tiny.model.widht", 16,
+         "config key 'studies.tiny.model.widht': unknown model option 'widht' of family gapcnn"),
+        ("studies.tiny.measure.names", ["conv_trace", "foo"],
+         "config key 'studies.tiny.measure.names[1]': unknown measure 'foo'"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path, path, value, message):
@@ -223,13 +238,22 @@ def test_schema_names_come_from_the_library():
 
 def test_mock_snakemake_builds_a_job():
     """A script's snakemake object outside Snakemake: the job of rule train for one run."""
+    run_id = "n~300/noise~0.2/width~16/depth~3/seed~1"
     sm = mock_snakemake("train", configfile=REPO / "config/quick.yaml",
-                        snakefile=REPO / "Snakefile", study="digits",
-                        run_id="width~16/depth~3/wd~0.01/seed~1")
-    assert sm.rule == "train" and sm.input.data == "data/prepared/digits.pt"
-    assert sm.output.record == "results/runs/digits/width~16/depth~3/wd~0.01/seed~1/train.json"
+                        snakefile=REPO / "Snakefile", study="digits", run_id=run_id)
+    assert sm.rule == "train" and sm.input.data == "data/prepared/digits-n300-noise0.2.pt"
+    assert sm.output.record == f"results/runs/digits/{run_id}/train.json"
     assert sm.params.spec == {"family": "gapcnn", "batchnorm": True, "width": 16, "depth": 3}
-    assert sm.params.train["weight_decay"] == 0.01 and sm.params.train["seed"] == 1
+    assert sm.params.train["stop_loss"] == 0.01 and sm.params.train["seed"] == 1
+    sm = mock_snakemake("prepare", configfile=REPO / "config/quick.yaml",
+                        snakefile=REPO / "Snakefile", prepared="digits-n300-noise0.2")
+    assert sm.params.dataset["subset"] == 300 and sm.params.dataset["label_noise"] == 0.2
+    sm = mock_snakemake("figure", configfile=REPO / "config/quick.yaml",
+                        snakefile=REPO / "Snakefile", study="digits_wd",
+                        figure="flatness_over_training")
+    assert dict(sm.input.items())["records"] == [
+        f"results/runs/digits_wd/wd~{w}/seed~{s}/train.json"
+        for w in ("0", "0.001", "0.003", "0.01", "0.03") for s in (0, 1)]
     sm = mock_snakemake("figure", configfile=REPO / "config/quick.yaml",
                         snakefile=REPO / "Snakefile", study="digits", figure="tau_psi")
     assert dict(sm.input.items()) == {"correlation": "results/tables/digits/correlation.csv"}
@@ -287,3 +311,61 @@ def test_gpu_config_without_gpu_says_how_long(tmp_path):
     assert re.search(r"131 runs to train and measure: about \d+\.\d h on one H100", text)
     if not torch.cuda.is_available():
         assert "torch sees no" in text and "--configfile config/quick.yaml" in text, text
+
+
+def test_measure_run_exact_measures_see_the_whole_split(tmp_path):
+    """The measure job on a tiny net and 300 digits: the exact measures (whole_split) equal
+    the closed form on all 300 training images, a costly baseline sees the n_samples
+    subsample, a per-measure max_samples wins over both, and measures.json says who saw
+    how many."""
+    import json
+
+    import torch
+
+    from convflat.curvature import exact_curvature
+    from convflat.data import load_prepared, prepare
+    from convflat.models import build_model, save_checkpoint
+    from convflat.workflow import measure_run, measure_sizes
+
+    data = prepare("sklearn-digits", root=tmp_path, out=tmp_path / "d.pt", subset=300,
+                   download=False)
+    torch.manual_seed(0)
+    spec = {"family": "gapcnn", "width": 4, "depth": 2, "batchnorm": False,
+            "in_channels": 1, "num_classes": 10, "image_size": [8, 8]}
+    model, init = build_model(spec), build_model(spec)
+    save_checkpoint(tmp_path / "model.pt", model)
+    save_checkpoint(tmp_path / "init.pt", init)
+    (tmp_path / "train.json").write_text(json.dumps({"status": "ok"}))
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+    measure = schema["properties"]["studies"]["additionalProperties"]["properties"]["measure"]
+    cfg = {"names": ["conv_trace", "conv_relative_flatness", "classifier_trace",
+                     "hutchinson_trace", "frobenius_norm"],
+           "params": {"hutchinson_trace": {"probes": 2, "groups": 1},
+                      "classifier_trace": {"max_samples": 50}},
+           "n_samples": 64, "batch_size": 128, "seed": 0,
+           "whole_split": measure["properties"]["whole_split"]["default"]}
+    assert set(cfg["whole_split"]) == {"conv_trace", "conv_relative_flatness",
+                                       "classifier_trace", "classifier_relative_flatness"}
+    sizes = measure_sizes(cfg, cfg["names"])
+    assert sizes["conv_trace"] == {"max_samples": None}
+    assert sizes["hutchinson_trace"] == {"probes": 2, "groups": 1, "max_samples": 64}
+    assert sizes["classifier_trace"] == {"max_samples": 50}
+    assert "frobenius_norm" not in sizes  # reads no data
+    assert cfg["params"]["hutchinson_trace"] == {"probes": 2, "groups": 1}  # not mutated
+    out = measure_run(tmp_path / "model.pt", tmp_path / "init.pt", tmp_path / "train.json",
+                      data, tmp_path / "measures.json", cfg, device="cpu")
+    assert out["status"] == "ok" and not out["failed"], out
+    assert out["n_samples"] == 300
+    assert out["n_samples_by_measure"] == {
+        "conv_trace": 300, "conv_relative_flatness": 300, "classifier_trace": 50,
+        "hutchinson_trace": 64, "frobenius_norm": None}
+    x, y = load_prepared(data).tensors("train")
+    assert x.shape[0] == 300
+    whole = exact_curvature(model, (x, y), device="cpu")
+    values = out["values"]
+    assert values["conv_trace"] == pytest.approx(whole.trace, rel=1e-6)
+    assert values["conv_relative_flatness"] == pytest.approx(whole.relative_flatness, rel=1e-6)
+    first64 = exact_curvature(model, (x[:64], y[:64]), device="cpu")
+    assert values["conv_trace"] != pytest.approx(first64.trace, rel=1e-3)
+    assert values["classifier_trace"] != pytest.approx(whole.classifier_trace, rel=1e-3)
+    assert out["measures"]["hutchinson_trace"]["params"]["max_samples"] == 64

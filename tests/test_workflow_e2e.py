@@ -33,7 +33,7 @@ BROKEN = {
     "dataset": "digits",
     "model": {"family": "resnet", "width": 4},
     "train": {"epochs": 2, "batch_size": 64, "lr": 0.05},
-    "grid": {"depth": [8, 9]},
+    "grid": {"subset": [200], "depth": [8, 9]},  # a subset axis: its own prepared file
     "measure": {"names": ["conv_trace", "conv_relative_flatness"], "n_samples": 64},
 }
 
@@ -76,6 +76,9 @@ def test_prepared_dataset(study):
     assert data["format"] == "convflat-data/1"
     assert data["x_train"].shape == (config["datasets"]["digits"]["subset"], 1, 8, 8)
     assert data["x_train"].dtype == torch.uint8
+    small = torch.load(workdir / "data/prepared/digits-n200.pt", weights_only=True)
+    assert small["x_train"].shape == (200, 1, 8, 8)  # the broken study's subset axis
+    assert torch.equal(small["x_test"], data["x_test"])  # same split, fewer training images
 
 
 def test_runs_table(study):
@@ -110,7 +113,13 @@ def test_run_artifacts(study):
         assert key in record
     measures = json.loads((run / "measures.json").read_text())
     assert measures["status"] == "ok" and measures["run_id"] == "width~4/wd~0"
-    assert measures["n_samples"] == 128
+    assert measures["n_samples"] == 512  # the training split; who saw how many:
+    assert measures["n_samples_by_measure"] == {
+        "conv_trace": 512, "conv_relative_flatness": 512, "classifier_trace": 512,
+        "hutchinson_trace": 128, "frobenius_norm": None, "distance_from_init": None}
+    history = record["history"]
+    assert len(history) == 3 and all(
+        e["conv_trace"] > 0 and e["conv_relative_flatness"] > 0 for e in history)
     assert set(measures["values"]) == set(
         ["conv_trace", "conv_relative_flatness", "classifier_trace", "hutchinson_trace",
          "frobenius_norm", "distance_from_init"])
@@ -121,10 +130,10 @@ def test_run_artifacts(study):
 def test_failed_run_is_recorded_and_counted(study):
     workdir, _, _ = study
     rows = {r["run_id"]: r for r in read_csv(workdir / "results/tables/broken/runs.csv")}
-    assert rows["depth~8"]["status"] == "ok"
-    assert rows["depth~9"]["status"] == "failed"
-    assert "depth" in rows["depth~9"]["error"]
-    run = workdir / "results/runs/broken/depth~9"
+    assert rows["n~200/depth~8"]["status"] == "ok"
+    assert rows["n~200/depth~9"]["status"] == "failed"
+    assert "depth" in rows["n~200/depth~9"]["error"]
+    run = workdir / "results/runs/broken/n~200/depth~9"
     assert json.loads((run / "train.json").read_text())["status"] == "failed"
     assert json.loads((run / "measures.json").read_text())["status"] == "failed"
     corr = read_csv(workdir / "results/tables/broken/correlation.csv")
@@ -156,7 +165,8 @@ def test_correlation_tables(study):
 
 @pytest.mark.parametrize("figure", [
     "tiny/measure_vs_gap", "tiny/tau_psi", "tiny/psi_heatmap", "tiny/false_friend",
-    "broken/measure_vs_gap", "validation/hutchinson_convergence",
+    "tiny/flatness_over_training", "broken/measure_vs_gap", "broken/flatness_over_training",
+    "validation/hutchinson_convergence",
 ])
 def test_figures_are_real_images(study, figure):
     workdir, _, _ = study

@@ -28,7 +28,8 @@ from convflat.sources import find_source, source_names
 
 __all__ = [
     "AXES", "RATES", "RUN_ID_PATTERN", "STAGE_VERSIONS", "Axis", "ConfigError", "Run",
-    "check_config", "code_version", "estimate_hours", "estimate_text", "expand_studies",
+    "check_config", "check_measures", "check_models", "code_version", "estimate_hours",
+    "estimate_text", "expand_studies",
     "expand_study", "format_run_id", "format_value", "parse_run_id", "prepared_files",
     "prepared_name", "validation_run",
 ]
@@ -50,7 +51,8 @@ class Axis:
         name: the key under a study's ``grid`` (and the ``hp_<name>`` column of runs.csv).
         section: where a value goes: ``"model"`` (the model spec), ``"train"`` (the
             training settings, fields of :class:`convflat.train.TrainConfig`) or ``"data"``
-            (the prepared dataset: its label noise).
+            (the prepared dataset: its training-set size and label noise; each value is its
+            own prepared file).
         abbrev: the name in run ids (``wd`` in ``wd~0.0001``).
         settings: the settings one value sets, when they are not ``{name: value}``.
     """
@@ -81,6 +83,7 @@ AXES: dict[str, Axis] = {a.name: a for a in (
     Axis("batch_size", "train", "bs"),
     Axis("epochs", "train", "ep"),
     Axis("augment", "train", "aug", _augment),
+    Axis("subset", "data", "n"),
     Axis("label_noise", "data", "noise"),
     Axis("seed", "train", "seed"),
 )}
@@ -124,9 +127,13 @@ def parse_run_id(run_id: str) -> dict[str, str]:
     return out
 
 
-def prepared_name(dataset: str, label_noise: float) -> str:
-    """The stem of a prepared file: ``cifar10``, or ``cifar10-noise0.2`` with label noise."""
-    return dataset if not label_noise else f"{dataset}-noise{format_value(label_noise)}"
+def prepared_name(dataset: str, label_noise: float, subset: int | None = None) -> str:
+    """The stem of a prepared file: ``cifar10``; ``cifar10-n5000`` for a grid's ``subset``
+    value 5000; ``cifar10-noise0.2`` with label noise; ``cifar10-n5000-noise0.2`` with both.
+    ``subset`` None: the dataset's own ``subset`` setting (part of the dataset key's
+    config, so not of the name)."""
+    name = dataset if subset is None else f"{dataset}-n{int(subset)}"
+    return name if not label_noise else f"{name}-noise{format_value(label_noise)}"
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,8 @@ class Run:
         train: the training settings (TrainConfig fields, without ``device``).
         prepared: the stem of its prepared dataset file (:func:`prepared_name`).
         study: the name of its study.
+        data: the data settings its grid sets (``label_noise``, ``subset``; ``subset`` None:
+            the dataset's own setting).
     """
 
     run_id: str
@@ -149,6 +158,7 @@ class Run:
     train: dict[str, Any] = field(hash=False)
     prepared: str = ""
     study: str = ""
+    data: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def path(self) -> str:
@@ -168,7 +178,8 @@ def expand_study(name: str, study: Mapping[str, Any],
         hp = dict(zip(axes, values, strict=True))
         sections: dict[str, dict[str, Any]] = {
             "model": dict(study["model"]), "train": dict(study["train"]),
-            "data": {"label_noise": datasets[study["dataset"]]["label_noise"]},
+            "data": {"label_noise": datasets[study["dataset"]]["label_noise"],
+                     "subset": None},  # None: the dataset's own subset setting
         }
         for axis, value in hp.items():
             sections[AXES[axis].section].update(AXES[axis].apply(value))
@@ -180,8 +191,9 @@ def expand_study(name: str, study: Mapping[str, Any],
         runs[run_id] = Run(run_id=run_id, hp=hp, spec=sections["model"],
                            train=sections["train"],
                            prepared=prepared_name(study["dataset"],
-                                                  sections["data"]["label_noise"]),
-                           study=name)
+                                                  sections["data"]["label_noise"],
+                                                  sections["data"]["subset"]),
+                           study=name, data=sections["data"])
     return runs
 
 
@@ -191,28 +203,33 @@ def expand_studies(config: Mapping[str, Any]) -> dict[str, dict[str, Run]]:
             for name, study in config["studies"].items()}
 
 
-def prepared_files(config: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
-    """``{prepared stem: (dataset key, label noise)}`` of every prepared file the studies
-    use: each study's dataset at its configured noise, and one per ``label_noise`` value of
-    a grid."""
-    out: dict[str, tuple[str, float]] = {}
+def prepared_files(config: Mapping[str, Any]
+                   ) -> dict[str, tuple[str, float, int | None]]:
+    """``{prepared stem: (dataset key, label noise, subset)}`` of every prepared file the
+    studies use: one per combination of the ``subset`` and ``label_noise`` values of a grid
+    (an axis the grid lacks takes the dataset's configured value). ``subset`` is a grid's
+    value, or None where the dataset's own ``subset`` setting applies."""
+    out: dict[str, tuple[str, float, int | None]] = {}
     for study in config["studies"].values():
         ds = study["dataset"]
-        noise = config["datasets"][ds]["label_noise"]
-        out[prepared_name(ds, noise)] = (ds, noise)
-        for noise in study["grid"].get("label_noise", []):
-            out[prepared_name(ds, noise)] = (ds, noise)
+        grid = study["grid"]
+        subsets = grid.get("subset", [None])
+        noises = grid.get("label_noise", [config["datasets"][ds]["label_noise"]])
+        for subset, noise in itertools.product(subsets, noises):
+            out[prepared_name(ds, noise, subset)] = (ds, noise, subset)
     return out
 
 
 # ------------------------------------------------------------------- config cross-checks
 
 
-def check_config(config: Mapping[str, Any]) -> None:
+def check_config(config: Mapping[str, Any], *, deep: bool = True) -> None:
     """The checks a JSON schema cannot make, on a config the schema has validated (defaults
     filled): every study names a dataset of the config, every dataset a known source, a
-    false-friend study has a weight_decay axis, and validation.study / validation.run name
-    a study and a run of its grid. Raises :class:`ConfigError` naming the key."""
+    false-friend study has a weight_decay axis, and validation.study names a study (the
+    validation run: :func:`validation_run`). With ``deep`` (the default; it imports torch
+    when it runs) also the measures (:func:`check_measures`) and the model specs and their
+    heads (:func:`check_models`). Raises :class:`ConfigError` naming the key."""
     for key, ds in config["datasets"].items():
         src = ds["source"]
         if find_source(src) is None and not str(src).startswith(("npz:", "folder:")):
@@ -232,6 +249,164 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"invalid config: config key 'validation.study': {val['study']!r} is not "
             f"one of the studies {sorted(config['studies'])}")
+    if deep:
+        check_measures(config)
+        check_models(config)
+
+
+# The checks below build things the schema cannot see into: every study's model spec (on the
+# meta device, no weights) and the measure registry. They import torch when they run, never
+# when this module is imported.
+
+#: head structure (:func:`_structure`, as sorted JSON) -> None when it is in the measured
+#: class, else ("class", the refusal of :func:`convflat.models.check_head`).
+_SPEC_CHECKS: dict[str, tuple[str, str] | None] = {}
+# What a spec's data facts are when the source is the user's own files (npz:, folder:):
+# the class membership of gapcnn, resnet and torchvision heads does not depend on them.
+_USER_DATA_FACTS = {"in_channels": 3, "num_classes": 10, "image_size": [32, 32]}
+
+
+def _data_facts(source: str) -> dict[str, Any]:
+    """in_channels, num_classes and image_size of a dataset's images, from its source."""
+    row = find_source(source)
+    if row is None:
+        return dict(_USER_DATA_FACTS)
+    return {"in_channels": row.channels, "num_classes": row.classes,
+            "image_size": list(row.image_size)}
+
+
+def _structure(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A normalized gapcnn/resnet spec with the values that change no layer's type or place
+    set to small stand-ins (widths, channels, classes, the dropout probability), so that
+    specs with the same head structure are traced once; torchvision specs as they are."""
+    if spec["family"] == "torchvision":
+        return dict(spec)
+    out = {**spec, "width": 2, "in_channels": 1, "num_classes": 2}
+    if "dropout" in out:
+        out["dropout"] = 0.5 if out["dropout"] else 0.0
+    return out
+
+
+def _check_spec(spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    """None when ``spec`` builds and its head is in the measured class, else (kind,
+    message): kind "spec" (:func:`convflat.models.normalize_spec` refused it) or "class"
+    (:func:`convflat.models.check_head` did). Each distinct head structure is traced once
+    per process (:data:`_SPEC_CHECKS`)."""
+    import json
+
+    from convflat.models import normalize_spec
+
+    try:
+        full = normalize_spec(dict(spec))
+    except (TypeError, ValueError) as exc:
+        return "spec", str(exc)
+    key = json.dumps(_structure(full), sort_keys=True, default=str)
+    if key not in _SPEC_CHECKS:
+        from convflat.curvature import OutOfClassError, find_head
+        from convflat.models import build_model, check_head
+
+        structure = json.loads(key)
+        try:
+            if structure["family"] == "torchvision":
+                check_head(structure)  # on the meta device: no weights
+            else:  # a 2-channel stand-in builds on the CPU faster than on meta
+                find_head(build_model(structure))
+            _SPEC_CHECKS[key] = None
+        except OutOfClassError as exc:
+            _SPEC_CHECKS[key] = ("class", str(exc))
+    return _SPEC_CHECKS[key]
+
+
+def check_models(config: Mapping[str, Any]) -> None:
+    """Every distinct model spec of every study builds (without weights) and its head is in
+    the class the curvature measures (:func:`convflat.models.check_head`), with the data's
+    channels, classes and image size filled in from the dataset's source (stand-ins for
+    ``npz:``/``folder:`` data). Raises :class:`ConfigError` naming the config key: the
+    model option (``studies.<s>.model.<key>``, or ``studies.<s>.grid.<axis>`` when a grid
+    value is wrong), ``studies.<s>.model.arch`` for a torchvision net outside the class."""
+    import re
+
+    for name, study in config["studies"].items():
+        source = config["datasets"][study["dataset"]]["source"]
+        facts = _data_facts(source)
+        for key in ("in_channels", "num_classes"):
+            given = study["model"].get(key)
+            if given is not None and find_source(source) is not None and given != facts[key]:
+                raise ConfigError(
+                    f"invalid config: config key 'studies.{name}.model.{key}': {given!r}, but "
+                    f"source {source!r} has {facts[key]!r}")
+        if study["model"].get("family") == "torchvision":
+            facts.pop("image_size")
+        for run in expand_study(name, study, config["datasets"]).values():
+            spec = {**facts, **run.spec}
+            problem = _check_spec(spec)
+            if problem is None:
+                continue
+            kind, message = problem
+            if kind == "class":
+                where = "arch" if spec["family"] == "torchvision" else "family"
+                what = spec.get("arch") or spec["family"]
+                hp = {k: v for k, v in run.hp.items() if AXES[k].section == "model"}
+                at = f" (run {format_run_id(hp)})" if hp else ""
+                raise ConfigError(
+                    f"invalid config: config key 'studies.{name}.model.{where}': {what}{at} "
+                    f"is outside the measurable class: {message}")
+            match = re.match(r"spec key '(\w+)'", message)
+            option = match.group(1) if match else None
+            section = "grid" if option in study["grid"] else "model"
+            where = f"studies.{name}.{section}" + (f".{option}" if option else "")
+            unknown = re.match(r"spec key '\w+' is not a (\w+) option \((.*)\)", message)
+            if unknown:
+                message = (f"unknown model option {option!r} of family {unknown.group(1)} "
+                           f"({unknown.group(2)})")
+            raise ConfigError(f"invalid config: config key '{where}': {message}")
+
+
+def _measure_sections(config: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(config key, names, params) of every place a config names measures."""
+    out = [(f"studies.{name}.measure", s["measure"]["names"], s["measure"]["params"])
+           for name, s in config["studies"].items()]
+    val = config["validation"]
+    if val["enabled"]:
+        out += [(f"validation.{table}", val[table]["names"], val[table]["params"])
+                for table in ("invariance", "cost") if table in val]
+    return out
+
+
+def check_measures(config: Mapping[str, Any]) -> None:
+    """Every measure name is registered (:data:`convflat.measures.MEASURES`), every entry of
+    ``params`` names a measure that is computed, and every parameter is one that measure
+    accepts. Raises :class:`ConfigError` naming the config key
+    (``studies.<s>.measure.names[3]``, ``studies.<s>.measure.params.<measure>.<param>``)."""
+    from convflat.measures import MEASURES, resolve_names
+
+    for where, names, params in _measure_sections(config):
+        items = [names] if isinstance(names, str) else list(names)
+        for i, item in enumerate(items):
+            if item not in MEASURES and item not in ("default", "all"):
+                at = where + (".names" if isinstance(names, str) else f".names[{i}]")
+                raise ConfigError(
+                    f"invalid config: config key '{at}': unknown measure {item!r} "
+                    f"(known: {', '.join(MEASURES)}; or 'default', 'all')")
+        computed = resolve_names(names)
+        for measure, values in (params or {}).items():
+            at = f"{where}.params.{measure}"
+            if measure not in MEASURES:
+                raise ConfigError(f"invalid config: config key '{at}': unknown measure "
+                                  f"{measure!r} (known: {', '.join(MEASURES)})")
+            if measure not in computed:
+                raise ConfigError(f"invalid config: config key '{at}': parameters for "
+                                  f"measure {measure!r}, which {where}.names does not compute")
+            accepted = MEASURES[measure].defaults
+            for param in values or {}:
+                if param not in accepted:
+                    raise ConfigError(
+                        f"invalid config: config key '{at}.{param}': unknown parameter "
+                        f"{param!r} of measure {measure!r} (it accepts {sorted(accepted)})")
+            try:
+                MEASURES[measure].resolve(values)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"invalid config: config key '{at}': {exc}") from None
 
 
 def validation_run(config: Mapping[str, Any],
@@ -256,7 +431,7 @@ def validation_run(config: Mapping[str, Any],
 STAGE_VERSIONS = {
     "prepare": 1,
     "train": 1,
-    "measure": 1,
+    "measure": 2,
     "analysis": 1,
     "validation": 1,
     "notebook": 1,
@@ -273,12 +448,19 @@ def code_version(stage: str) -> str:
 # How long a config takes: for every run, the multiply-adds of one forward pass (counted
 # on the model itself, built from its spec), times 3 for a training step (forward and
 # backward) and the images of all epochs, at an achieved rate; plus a fixed cost per
-# optimizer step (kernel launches, Python: the floor for small nets), the measures (about
-# MEASURE_PASSES forward passes over the measured images: Lanczos, Hutchinson, the PAC-Bayes
-# search and sharpness steps dominate), and the start-up of two jobs. docs/workflow.md gives
-# the reasoning behind the rates; `snakemake --cores 1 estimate` prints the result.
+# optimizer step (kernel launches, Python: the floor for small nets), with stop_loss one
+# evaluation pass over the training split per epoch, with track_flatness the per-epoch
+# flatness (about TRACK_PASSES forward passes over its images), the measures (about
+# MEASURE_PASSES forward passes over the subsample: Lanczos, Hutchinson, the PAC-Bayes
+# search and sharpness steps dominate; EXACT_PASSES over the whole split for the measures
+# of measure.whole_split), and the start-up of two jobs. A run with stop_loss is assumed to
+# train for its whole epoch cap, so the estimate is an upper bound for such studies.
+# docs/workflow.md gives the reasoning behind the rates; `snakemake --cores 1 estimate`
+# prints the result.
 
 MEASURE_PASSES = 1000
+EXACT_PASSES = 15
+TRACK_PASSES = 3
 #: Achieved rates: "gpu" is one H100-class GPU (bf16 autocast, eager PyTorch), "cpu" a 2-core
 #: x86 CPU in fp32. docs/benchmarks.md has the measurements they come from.
 RATES = {
@@ -338,20 +520,30 @@ def estimate_hours(config: Mapping[str, Any], device: str,
         source = find_source(ds["source"])
         n_full, image_hw, channels, classes = _OTHER_SOURCE if source is None else (
             source.n_images, source.image_size, source.channels, source.classes)
-        n_train = ds["subset"] or n_full
-        if source is not None and source.split == "random":
-            n_train = round(n_train * (1 - ds["test_fraction"]))
+        measure = study["measure"]
+        exact = set(measure["whole_split"])
         for record in runs[name].values():
+            n_split = n_full  # the training split, then a subset of it
+            if source is not None and source.split == "random":
+                n_split = round(n_full * (1 - ds["test_fraction"]))
+            subset = record.data.get("subset") or ds["subset"]
+            n_train = min(subset, n_split) if subset else n_split
             spec, train = record.spec, record.train
             key = repr(sorted(spec.items())) + repr((image_hw, channels, classes))
             if key not in _FLOPS_CACHE:
                 _FLOPS_CACHE[key] = 2 * forward_macs(spec, image_hw, channels, classes)
             flops = _FLOPS_CACHE[key]
-            images = train.get("epochs", 30) * n_train
+            epochs = train.get("epochs", 30)  # with stop_loss, the cap: an upper bound
+            images = epochs * n_train
             steps = images / train.get("batch_size", 128)
-            n_measure = min(study["measure"]["n_samples"] or n_train, n_train)
-            seconds += 3 * flops * images / rate["flops"] + steps * rate["step_seconds"]
-            seconds += MEASURE_PASSES * flops * n_measure / rate["flops"]
+            passes = 3 * images
+            if train.get("stop_loss") is not None:
+                passes += images  # the evaluation pass of the stopping rule
+            if train.get("track_flatness", 1024):
+                passes += epochs * TRACK_PASSES * min(train.get("track_flatness", 1024), n_train)
+            n_measure = min(measure["n_samples"] or n_train, n_train)
+            passes += MEASURE_PASSES * n_measure + EXACT_PASSES * n_train * bool(exact)
+            seconds += flops * passes / rate["flops"] + steps * rate["step_seconds"]
             seconds += 2 * rate["job_seconds"]
             n_runs += 1
     return seconds / 3600.0, n_runs

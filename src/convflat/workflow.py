@@ -30,7 +30,8 @@ from typing import Any
 
 __all__ = [
     "FIGURES", "VALIDATION_TABLES", "Figure", "TrainedRun", "ValidationTable", "figure",
-    "load_trained_run", "markdown_table", "measure_run", "mock_snakemake", "start",
+    "load_trained_run", "markdown_table", "measure_run", "measure_sizes", "mock_snakemake",
+    "start",
     "validation_table",
 ]
 
@@ -49,12 +50,14 @@ class Figure:
         draw: ``draw(inputs, out, analysis) -> [paths]``: ``inputs`` maps each name of
             ``reads`` to its file, ``out`` is the path without suffix, ``analysis`` the
             config's ``analysis`` section.
-        reads: the study's tables it draws from: ``"runs"`` (runs.csv) and/or
-            ``"correlation"`` (correlation.csv).
+        reads: what it draws from: the study's tables ``"runs"`` (runs.csv) and/or
+            ``"correlation"`` (correlation.csv), and/or ``"records"`` (the ``train.json``
+            of every run of the study: ``inputs["records"]`` is a list of paths).
         overall: also drawn for the pooled studies (``results/figures/overall/``); only for
             figures that read the correlation table alone.
-        when: a boolean key of a study's config that must be true for the figure to be
-            among the study's targets (None: always).
+        when: a key of a study's config (dotted for a nested one:
+            ``train.track_flatness``) whose value must be true (not 0, null or false) for
+            the figure to be among the study's targets (None: always).
         caption: its caption in the Snakemake report (reStructuredText): the docstring of
             ``draw``.
     """
@@ -66,6 +69,13 @@ class Figure:
     when: str | None = None
     caption: str = ""
 
+    def wanted(self, study: Mapping[str, Any]) -> bool:
+        """Whether a study (its validated config, defaults filled) draws this figure."""
+        value: Any = study
+        for key in (self.when.split(".") if self.when else []):
+            value = value[key]
+        return bool(value)
+
 
 #: name -> :class:`Figure`, in the order they are drawn.
 FIGURES: dict[str, Figure] = {}
@@ -74,9 +84,10 @@ FIGURES: dict[str, Figure] = {}
 def figure(name: str, *, reads: tuple[str, ...], overall: bool = False,
            when: str | None = None) -> Callable:
     """Decorator: register ``draw(inputs, out, analysis)`` as figure ``name``."""
-    bad = sorted(set(reads) - {"runs", "correlation"})
+    bad = sorted(set(reads) - {"runs", "correlation", "records"})
     if bad or not reads:
-        raise ValueError(f"figure {name!r}: reads must name 'runs' and/or 'correlation'")
+        raise ValueError(f"figure {name!r}: reads must name 'runs', 'correlation' and/or "
+                         "'records'")
     if overall and tuple(reads) != ("correlation",):
         raise ValueError(f"figure {name!r}: an overall figure reads the correlation table only")
 
@@ -131,6 +142,34 @@ def _false_friend(inputs, out, analysis):
 
     return plot_false_friend(read_runs(inputs["runs"]), out,
                              require_converged=analysis["require_converged"])
+
+
+@figure("flatness_over_training", reads=("runs", "records"), when="train.track_flatness")
+def _flatness_over_training(inputs, out, analysis):
+    """Conv trace and conv relative flatness against the training loss (eval mode, whole
+    training split, when the study stops at a target loss) after every epoch, one line per
+    run, coloured by the first grid axis that is not a seed; a dot where each run stopped,
+    the dashed line the stopping target. Shows whether the nets are compared on the same
+    part of their trajectories. Runs that failed or diverged are left out."""
+    from convflat.analysis import NUISANCE_AXES, plot_flatness_over_training, read_runs
+
+    paths = [Path(p) for p in inputs["records"]]
+    root = Path(os.path.commonpath([p.parent for p in paths])) if len(paths) > 1 else None
+    histories, stops = {}, set()
+    for path in paths:
+        rec = json.loads(path.read_text())
+        if rec.get("status") != "ok" or not rec.get("history"):
+            continue
+        label = str(path.parent.relative_to(root)) if root is not None else path.parent.name
+        histories[label] = rec["history"]
+        stops.add((rec.get("config") or {}).get("stop_loss"))
+    runs = read_runs(inputs["runs"]).set_index("run_id")
+    axes = [c for c in runs.columns if c.startswith("hp_") and c not in NUISANCE_AXES
+            and runs[c].nunique() > 1]
+    hue = ({label: runs.at[label, axes[0]] for label in histories} if axes else None)
+    return plot_flatness_over_training(
+        histories, out, hue=hue, hue_name=axes[0][3:] if axes else "",
+        stop_loss=stops.pop() if len(stops) == 1 else None)
 
 
 # -------------------------------------------------------------------- validation tables
@@ -279,9 +318,12 @@ def measure_run(model: str | os.PathLike, init: str | os.PathLike,
     with the same status and no values (nothing is measured on NaN weights). A measure that
     fails is recorded by :func:`convflat.measures.compute_measures` (the others still run);
     an error outside the measures (unreadable checkpoint, bad data) gives status "failed".
-    The measures see a seeded random subset of ``cfg["n_samples"]`` training images
-    (:func:`convflat.data.seeded_subset`), the same for every run of the study. ``meta``
-    (run_id, study, version, ...) is copied into the file.
+    The exact measures of ``cfg["whole_split"]`` see the whole training split; the other
+    data-reading measures a seeded random subset of ``cfg["n_samples"]`` training images,
+    the same for every run of the study (:func:`measure_sizes`; the subset is drawn by
+    :meth:`convflat.measures.context.Context.subset`). ``meta`` (run_id, study, version,
+    ...) is copied into the file, with ``n_samples`` (the training split) and
+    ``n_samples_by_measure``.
     """
     from convflat.io import atomic_write_json, provenance
     from convflat.train import error_text
@@ -320,23 +362,50 @@ def measure_run(model: str | os.PathLike, init: str | os.PathLike,
     return json.loads(Path(out).read_text())
 
 
+def measure_sizes(cfg: Mapping[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """The per-measure parameters of a study's ``measure`` section (``cfg``), with the
+    training images each data-reading measure sees as its ``max_samples``: None (the whole
+    training split) for the measures of ``cfg["whole_split"]``, ``cfg["n_samples"]`` for
+    the others; a ``max_samples`` in ``cfg["params"][name]`` wins over both."""
+    from convflat.measures import MEASURES
+
+    params = {n: dict(p) for n, p in (cfg["params"] or {}).items()}
+    whole = set(cfg.get("whole_split", ()))
+    for name in names:
+        if not MEASURES[name].uses_data:
+            continue
+        own = params.setdefault(name, {})
+        if "max_samples" not in own:
+            own["max_samples"] = None if name in whole else cfg["n_samples"]
+    return params
+
+
 def _compute(model, init, data, cfg, device, meta):
-    """Load the run and its data subset, compute the measures: (results, device)."""
-    from convflat.data import load_prepared, seeded_subset
+    """Load the run and its whole training split, compute the measures, each on the
+    training images :func:`measure_sizes` gives it: (results, device)."""
+    from convflat.data import load_prepared
     from convflat.io import resolve_device
-    from convflat.measures import compute_measures, resolve_names
+    from convflat.measures import MEASURES, compute_measures, resolve_names
     from convflat.models import load_checkpoint
 
     dev = resolve_device(device)
     names = resolve_names(cfg["names"])
+    unknown = sorted(set(cfg.get("whole_split", ())) - set(resolve_names("all")))
+    if unknown:
+        raise ValueError(f"config key measure.whole_split: unknown measure(s) {unknown}")
+    params = measure_sizes(cfg, names)
     net, _ = load_checkpoint(model, map_location="cpu")
     init_net, _ = load_checkpoint(init, map_location="cpu")
     x, y = load_prepared(data).tensors("train")
-    x, y = seeded_subset(x, y, n=cfg["n_samples"], seed=cfg["seed"])
-    meta["n_samples"] = int(x.shape[0])
-    log.info("measuring %d measures on %d training samples on %s", len(names), x.shape[0], dev)
+    n = int(x.shape[0])
+    meta["n_samples"] = n
+    meta["n_samples_by_measure"] = {  # None: the measure reads no data (norms)
+        name: min(params[name]["max_samples"] or n, n) if MEASURES[name].uses_data else None
+        for name in names}
+    log.info("measuring %d measures on %d training samples on %s (subsamples: %s)",
+             len(names), n, dev, meta["n_samples_by_measure"])
     results = compute_measures(
-        net, (x, y), init_model=init_net, names=names, params=cfg["params"] or None,
+        net, (x, y), init_model=init_net, names=names, params=params or None,
         device=dev, seed=cfg["seed"], batch_size=cfg["batch_size"], progress=False)
     return results, dev
 
@@ -510,6 +579,89 @@ def render_html(notebook: str | os.PathLike, html: str | os.PathLike) -> int:
     tmp.write_text(text)
     os.replace(tmp, html)  # not convflat.io.atomic_write_text: that module's import costs more
     return len(text)
+
+
+# ----------------------------------------------------------------------- failed runs
+
+
+def _unusable_rows(rows: list[Mapping[str, Any]], *, require_converged: bool
+                   ) -> list[tuple[str, str]]:
+    """(run id, why) of every row of a runs table that the statistics leave out: its
+    status is not ok (with runs.csv's ``error``), or it did not converge (with
+    ``require_converged``; its stop reason and epochs)."""
+    out = []
+    pooled = len({str(row.get("study")) for row in rows}) > 1  # the overall analysis
+    for row in rows:
+        label = f"{row.get('study')}/{row.get('run_id')}" if pooled else str(row.get("run_id"))
+        status = str(row.get("status") or "<missing>")
+        error = row.get("error")
+        has_error = error is not None and str(error) not in ("", "nan", "None")
+        if status != "ok":
+            out.append((label, f"status={status}" + (f": {error}" if has_error else "")))
+        elif require_converged and str(row.get("converged")).strip().lower() not in (
+                "true", "1", "1.0"):
+            out.append((label, f"not converged (stop reason {row.get('stop_reason')}, "
+                               f"{row.get('epochs_run')} epochs)"))
+    return out
+
+
+def no_usable_runs_message(rows: list[Mapping[str, Any]], what: str, *,
+                           require_converged: bool) -> str | None:
+    """None when a runs table (``rows``: its records) has a run the statistics can use,
+    else the message of the analysis rule's failure: ``what`` has no usable run, and why,
+    one line per run."""
+    bad = _unusable_rows(rows, require_converged=require_converged)
+    if len(bad) < len(rows):
+        return None
+    lines = [f"{what}: no usable run ({len(rows)} run(s), none with status ok"
+             + (" and converged" if require_converged else "")
+             + "), so there is nothing to correlate. Why, per run (runs.csv):"]
+    lines += [f"  {run}: {why}" for run, why in bad]
+    return "\n".join(lines)
+
+
+def fail(message: str, log_: logging.Logger | None = None) -> None:
+    """End a workflow script with ``message`` on the console (the script's stderr before
+    :func:`start` redirected it), in its log and as its exit status 1, without a
+    traceback."""
+    (log_ or log).error("%s", message)
+    print(message, file=sys.__stderr__, flush=True)
+    raise SystemExit(1)
+
+
+def failed_runs_notice(tables: Mapping[str, str | os.PathLike]) -> str | None:
+    """What to say at the end of a Snakemake run about studies with runs that are not
+    usable: for each study (``tables``: study -> its runs.csv; missing files are skipped)
+    the count of runs that failed or diverged, by status, with a few of their errors; None
+    when every run of every table is ok. Reads the tables with the csv module (no
+    pandas: the Snakemake process runs it)."""
+    import csv
+
+    parts = []
+    for study, path in tables.items():
+        path = Path(path)
+        if not path.is_file():
+            continue
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        bad = _unusable_rows(rows, require_converged=False)
+        if not bad:
+            continue
+        counts: dict[str, int] = {}
+        for _, why in bad:
+            status = why.split(":", 1)[0]
+            counts[status] = counts.get(status, 0) + 1
+        head = (f"study {study}: {len(bad)} of {len(rows)} runs not usable ("
+                + ", ".join(f"{k}: {v}" for k, v in counts.items()) + f"); see {path}")
+        if len(bad) == len(rows):
+            head += " -- every run failed: this study has no result"
+        parts.append("\n".join([head] + [f"    {run}: {why}" for run, why in bad[:5]]
+                               + ([f"    ... and {len(bad) - 5} more"] if len(bad) > 5
+                                  else [])))
+    if not parts:
+        return None
+    return "convflat: some runs failed; their studies' tables leave them out:\n" + "\n".join(
+        parts)
 
 
 # ---------------------------------------------------------------------------- download

@@ -24,6 +24,7 @@ from convflat.study import (
 from convflat.workflow import (
     FIGURES,
     VALIDATION_TABLES,
+    failed_runs_notice,
     report_estimate,
     startup_notice,
 )
@@ -118,19 +119,24 @@ def figure_inputs(wildcards):
         "correlation": rules.correlation.output.csv,
     }
     reads = FIGURES[wildcards.figure].reads
-    return {t: tables[t].format(study=wildcards.study) for t in reads}
+    out = {t: tables[t].format(study=wildcards.study) for t in reads if t in tables}
+    if "records" in reads:  # every run's train.json
+        out["records"] = study_runs(rules.train.output.record)(wildcards)
+    return out
 
 
 def dataset_config(wildcards):
-    """The slice of config a prepared file depends on (its dataset entry and noise)."""
+    """The slice of config a prepared file depends on (its dataset entry, label noise and,
+    for a grid's subset axis, its training-set size)."""
     try:
-        dataset, noise = PREPARED[wildcards.prepared]
+        dataset, noise, subset = PREPARED[wildcards.prepared]
     except KeyError:
         raise WorkflowError(
             f"data/prepared/{wildcards.prepared}.pt is not a dataset of this config "
             f"(known: {sorted(PREPARED)})"
         ) from None
-    return {**config["datasets"][dataset], "label_noise": noise}
+    sizes = {} if subset is None else {"subset": subset}
+    return {**config["datasets"][dataset], "label_noise": noise, **sizes}
 
 
 def raw_root(wildcards):
@@ -209,7 +215,7 @@ def study_targets(study):
     for table in (rules.correlation, rules.runs_summary, rules.headline):
         out += [f.format(study=study) for f in table.output]
     for name, fig in FIGURES.items():
-        if fig.when is None or STUDIES[study][fig.when]:
+        if fig.wanted(STUDIES[study]):
             out += [f.format(study=study, figure=name) for f in rules.figure.output]
     if config["notebooks"]["enabled"]:
         out += [
@@ -258,3 +264,26 @@ def startup_message():
     notice = startup_notice(config, RUNS) if workflow.local_exec else None
     if notice is not None:
         getattr(logger, notice[0])(notice[1])
+
+
+# ------------------------------------------------------------------------- end of a run
+
+
+def failed_runs_message():
+    """At the end of a run (successful or not), in the main Snakemake process: name every
+    study whose runs table has runs that failed or diverged, so that "100% done" is never
+    the only word on a study without results."""
+    if workflow.remote_exec or workflow.subprocess_exec:
+        return
+    tables = {s: rules.collect.output.runs.format(study=s) for s in STUDIES}
+    notice = failed_runs_notice(tables)
+    if notice is not None:
+        logger.warning(notice)
+
+
+onsuccess:
+    failed_runs_message()
+
+
+onerror:
+    failed_runs_message()

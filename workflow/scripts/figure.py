@@ -1,6 +1,7 @@
 """Rules figure / overall_figure: one figure (PNG + PDF) of a study, or of all studies pooled.
 
-The figure is drawn by its entry of convflat.workflow.FIGURES, from the tables it reads.
+The figure is drawn by its entry of convflat.workflow.FIGURES, from the tables (and the
+training records) it reads.
 """
 
 from pathlib import Path
@@ -11,7 +12,8 @@ from convflat.workflow import FIGURES, snakemake_from_argv, start
 def main(snakemake):
     log = start(snakemake)
     figure = FIGURES[snakemake.params.figure]
-    inputs = {name: str(path) for name, path in snakemake.input.items()}
+    inputs = {name: [str(p) for p in path] if isinstance(path, list) else str(path)
+              for name, path in snakemake.input.items()}  # a list: every run's train.json
     out = Path(snakemake.output.png).with_suffix("")
     paths = figure.draw(inputs, out, snakemake.params.analysis)
     log.info("wrote %s", [str(p) for p in paths])
