@@ -3,12 +3,13 @@
 Every measure against every target (Kendall tau with a bootstrap CI, Spearman, Pearson,
 granulated Kendall Psi, conditional mutual information); convflat.analysis does the work.
 Several runs tables (the overall analysis) are stacked with ``study`` as one more axis.
+A study without one usable run fails the job, with each run's status and error.
 """
 
 from pathlib import Path
 
 from convflat.analysis import combine_runs, correlation_table, read_runs, write_correlation_table
-from convflat.workflow import snakemake_from_argv, start
+from convflat.workflow import fail, no_usable_runs_message, snakemake_from_argv, start
 
 
 def main(snakemake):
@@ -17,6 +18,10 @@ def main(snakemake):
     runs_in = snakemake.input.runs
     paths = [runs_in] if isinstance(runs_in, str) else list(runs_in)
     runs = read_runs(paths[0]) if len(paths) == 1 else combine_runs(paths)
+    problem = no_usable_runs_message(runs.to_dict("records"), snakemake.params.title,
+                                     require_converged=cfg["require_converged"])
+    if problem:  # the job fails, saying why for every run
+        fail(problem, log)
     table = correlation_table(runs, targets=cfg["targets"], n_boot=cfg["n_boot"],
                               seed=cfg["seed"], require_converged=cfg["require_converged"])
     prefix = Path(snakemake.output.csv).with_suffix("")

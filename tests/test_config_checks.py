@@ -1,0 +1,248 @@
+"""Config mistakes the schema cannot see, caught when the config loads (convflat.study
+check_config: model specs, heads, measures, sources), and what a run says about studies
+whose runs failed (convflat.workflow: the end-of-run notice, the analysis rule's refusal).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from convflat import study
+from convflat.study import ConfigError
+from convflat.workflow import failed_runs_notice, no_usable_runs_message
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
+
+
+def load(name: str) -> dict:
+    config = yaml.safe_load((REPO / "config" / name).read_text())
+    validate(config, SCHEMA)
+    return config
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "quick.yaml", "test.yaml"])
+def test_the_repository_configs_pass(name):
+    study.check_config(load(name))
+
+
+def _torchvision(arch):
+    def mutate(c):
+        c["studies"]["tiny"]["model"] = {"family": "torchvision", "arch": arch}
+        c["studies"]["tiny"]["grid"] = {"weight_decay": [0.0, 0.01]}
+    return mutate
+
+
+def _set(path, value):
+    def mutate(c):
+        node = c
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_set(["studies", "tiny", "model", "widht"], 16),
+         "config key 'studies.tiny.model.widht': unknown model option 'widht' of family "
+         "gapcnn"),
+        (_set(["studies", "tiny", "model", "batchnorm"], "yes"),
+         "config key 'studies.tiny.model.batchnorm': spec key 'batchnorm' must be true or "
+         "false, got 'yes'"),
+        (_set(["studies", "tiny", "model", "activation"], "tanh"),
+         "config key 'studies.tiny.model.activation': spec key 'activation' must be one of"),
+        (_set(["studies", "tiny", "model", "in_channels"], 3),
+         "config key 'studies.tiny.model.in_channels': 3, but source 'sklearn-digits' has 1"),
+        (_torchvision("vgg11"),
+         "config key 'studies.tiny.model.arch': vgg11 is outside the measurable class: conv "
+         "layer 'features.18' is not in the class measured exactly: MaxPool2d"),
+        (_torchvision("squeezenet1_0"),
+         "config key 'studies.tiny.model.arch': squeezenet1_0 is outside the measurable class"),
+        (_torchvision("vgg1100"),
+         "config key 'studies.tiny.model.arch': spec key 'arch': 'vgg1100' is not a "
+         "torchvision classification model"),
+        (_set(["studies", "tiny", "measure", "names"],
+              ["conv_trace", "frobenius_norm", "hutchinson_trace", "foo"]),
+         "config key 'studies.tiny.measure.names[3]': unknown measure 'foo'"),
+        (_set(["studies", "tiny", "measure", "params"], {"hutchinson_trace": {"probs": 4}}),
+         "config key 'studies.tiny.measure.params.hutchinson_trace.probs': unknown parameter "
+         "'probs' of measure 'hutchinson_trace' (it accepts"),
+        (_set(["studies", "tiny", "measure", "params"], {"pacbayes_flatness": {}}),
+         "config key 'studies.tiny.measure.params.pacbayes_flatness': parameters for measure "
+         "'pacbayes_flatness', which studies.tiny.measure.names does not compute"),
+        (_set(["studies", "tiny", "measure", "params"], {"hutchinson_trace": {"max_samples": 0}}),
+         "config key 'studies.tiny.measure.params.hutchinson_trace': measure "
+         "'hutchinson_trace': max_samples must be a positive integer, got 0"),
+        (_set(["validation", "cost", "names"], ["conv_trace", "bar"]),
+         "config key 'validation.cost.names[1]': unknown measure 'bar'"),
+        (_set(["datasets", "digits", "source"], "cifar11"),
+         "config key 'datasets.digits.source': 'cifar11' is not a known source"),
+    ],
+)
+def test_config_mistakes_name_the_key(mutate, message):
+    config = yaml.safe_load((REPO / "config/test.yaml").read_text())
+    mutate(config)
+    validate(config, SCHEMA)
+    with pytest.raises(ConfigError) as err:
+        study.check_config(config)
+    assert message in str(err.value)
+
+
+def test_a_wrong_grid_value_names_the_grid_axis():
+    config = load("test.yaml")
+    config["studies"]["tiny"]["model"]["activation"] = "gelu"
+    config["studies"]["tiny"]["grid"]["depth"] = [2, 3]
+    study.check_config(config)  # fine: every spec builds
+    config["studies"]["tiny"]["model"] = {"family": "resnet"}
+    config["studies"]["tiny"].update(grid={"depth": [20, 21]}, false_friend=False)
+    with pytest.raises(ConfigError, match="config key 'studies.tiny.grid.depth': "):
+        study.check_config(config)
+
+
+def test_user_data_sources_are_checked_with_stand_in_facts():
+    """npz:/folder: data are not read when the config loads; the spec is still built."""
+    config = load("test.yaml")
+    config["datasets"]["digits"]["source"] = "npz:/nowhere/mine.npz"
+    study.check_config(config)
+    config["studies"]["tiny"]["model"]["depht"] = 3
+    with pytest.raises(ConfigError, match="'studies.tiny.model.depht': unknown model option"):
+        study.check_config(config)
+
+
+def test_heads_are_traced_once_per_structure():
+    """Specs that differ only in widths, classes or the dropout probability share one
+    trace; a different depth is another structure."""
+    config = load("test.yaml")
+    config["studies"]["tiny"].update(grid={"width": [3, 5, 7, 9], "dropout": [0.1, 0.3]},
+                                     false_friend=False)
+    study._SPEC_CHECKS.clear()
+    study.check_config(config)
+    assert len(study._SPEC_CHECKS) == 1
+    config["studies"]["tiny"]["grid"]["depth"] = [2, 3]
+    study.check_config(config)
+    assert len(study._SPEC_CHECKS) == 2
+
+
+def test_check_config_imports_torch_only_when_it_runs():
+    code = ("import sys, yaml; from snakemake.utils import validate; "
+            "import convflat.study as s; assert 'torch' not in sys.modules; "
+            f"c = yaml.safe_load(open({str(REPO / 'config/test.yaml')!r})); "
+            f"validate(c, {SCHEMA!r}); s.check_config(c, deep=False); "
+            "assert 'torch' not in sys.modules; s.check_config(c); "
+            "assert 'torch' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------- failed runs
+
+
+def _rows(*specs):
+    """runs.csv rows: (run_id, status, converged, error)."""
+    return [{"run_id": r, "study": "s", "status": st, "converged": conv, "error": err,
+             "stop_reason": "max_epochs", "epochs_run": 3} for r, st, conv, err in specs]
+
+
+def _write_csv(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_no_usable_runs_lists_why_per_run():
+    rows = _rows(("wd~0", "failed", False, "ValueError: spec key 'widht'"),
+                 ("wd~0.1", "diverged", False, "non-finite loss at epoch 2"),
+                 ("wd~1", "ok", False, None))
+    text = no_usable_runs_message(rows, "s", require_converged=True)
+    assert text.startswith("s: no usable run (3 run(s), none with status ok and converged)")
+    assert "  wd~0: status=failed: ValueError: spec key 'widht'" in text
+    assert "  wd~0.1: status=diverged: non-finite loss at epoch 2" in text
+    assert "  wd~1: not converged (stop reason max_epochs, 3 epochs)" in text
+    assert no_usable_runs_message(rows, "s", require_converged=False) is None
+    rows[2]["converged"] = True
+    assert no_usable_runs_message(rows, "s", require_converged=True) is None
+
+
+def test_failed_runs_notice_names_the_studies(tmp_path):
+    good = _write_csv(tmp_path / "a/runs.csv", _rows(("x~1", "ok", True, ""),
+                                                     ("x~2", "ok", True, "")))
+    some = _write_csv(tmp_path / "b/runs.csv", _rows(("x~1", "ok", True, ""),
+                                                     ("x~2", "failed", False, "boom")))
+    every = _write_csv(tmp_path / "c/runs.csv", _rows(("x~1", "failed", False, "bad spec"),
+                                                      ("x~2", "failed", False, "bad spec")))
+    assert failed_runs_notice({"a": good, "missing": tmp_path / "none.csv"}) is None
+    text = failed_runs_notice({"a": good, "b": some, "c": every})
+    assert "study a" not in text
+    assert f"study b: 1 of 2 runs not usable (status=failed: 1); see {some}" in text
+    assert "    x~2: status=failed: boom" in text
+    assert "study c: 2 of 2 runs not usable (status=failed: 2)" in text
+    assert "every run failed: this study has no result" in text
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "workflow/scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_correlation_job_fails_without_a_usable_run(tmp_path, capfd):
+    """The analysis rule's script exits 1 with every run's status and error on the console
+    (not a traceback about an empty table)."""
+    import pandas as pd
+
+    rows = _rows(("width~4", "failed", False, "ValueError: spec key 'widht' is not a "
+                                               "gapcnn option"),
+                 ("width~8", "failed", False, "ValueError: spec key 'widht' is not a "
+                                              "gapcnn option"))
+    for row in rows:
+        row.update({"hp_width": int(row["run_id"][-1]), "loss_gap": None, "acc_gap": None,
+                    "test_error": None, "m_conv_trace": None})
+    runs = tmp_path / "runs.csv"
+    pd.DataFrame(rows).to_csv(runs, index=False)
+    params = {"analysis": {"targets": ["loss_gap"], "n_boot": 10, "seed": 0,
+                           "require_converged": False}, "title": "tiny", "version": "v"}
+    sm = types.SimpleNamespace(
+        input=types.SimpleNamespace(runs=str(runs)),
+        output=types.SimpleNamespace(csv=str(tmp_path / "correlation.csv")),
+        params=types.SimpleNamespace(**params, get=params.get), log=[str(tmp_path / "log")],
+        threads=1, rule="correlation", wildcards={"study": "tiny"})
+    with pytest.raises(SystemExit) as exit_:
+        _load_script("correlation").main(sm)
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    assert exit_.value.code == 1
+    err = capfd.readouterr().err
+    assert "tiny: no usable run (2 run(s), none with status ok)" in err
+    assert "width~8: status=failed: ValueError: spec key 'widht'" in err
+    assert not (tmp_path / "correlation.csv").exists()
+
+
+def test_a_run_with_failed_runs_says_so_at_the_end(tmp_path):
+    """A real (not dry) Snakemake run, here of the cheap `estimate` rule, ends with the
+    notice when a runs table of the working directory has failed runs."""
+    _write_csv(tmp_path / "results/tables/tiny/runs.csv",
+               _rows(("width~4/wd~0", "failed", False, "RuntimeError: out of memory"),
+                     ("width~8/wd~0", "ok", True, "")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "estimate", "-s", str(REPO / "Snakefile"),
+         "--directory", str(tmp_path), "--cores", "1", "--configfile",
+         str(REPO / "config/test.yaml")], capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert "convflat: some runs failed" in text, text[-3000:]
+    assert "study tiny: 1 of 2 runs not usable (status=failed: 1)" in text
+    assert "width~4/wd~0: status=failed: RuntimeError: out of memory" in text
