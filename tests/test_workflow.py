@@ -295,6 +295,86 @@ def test_download_without_network_says_what_to_place_where(tmp_path):
     assert not (tmp_path / "data/raw/cifar10/download.json").exists()
 
 
+def _user_data_config(tmp_path: Path, source: str) -> Path:
+    """config/test.yaml with its dataset replaced by ``source``, no validation, no
+    notebooks; written into the working directory ``tmp_path``."""
+    config = yaml.safe_load((REPO / "config/test.yaml").read_text())
+    config["datasets"] = {"mine": {"source": source}}
+    config["studies"]["tiny"]["dataset"] = "mine"
+    config["validation"]["enabled"] = config["notebooks"]["enabled"] = False
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _write_npz(path: Path, seed: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    np.savez(path, x=rng.integers(0, 256, (90, 1, 8, 8), dtype=np.uint8),
+             y=np.arange(90) % 3)
+
+
+def test_editing_npz_data_reruns_prepare_and_downstream(tmp_path):
+    """The file of an npz: source is an input of prepare: after the data change, a dry run
+    plans prepare (reason: the file) and the training that reads it."""
+    _write_npz(tmp_path / "mine.npz", seed=0)
+    cfg = str(_user_data_config(tmp_path, "npz:mine.npz"))
+    config = yaml.safe_load(Path(cfg).read_text())
+    validate(config, SCHEMA)
+    run = f"results/runs/tiny/{next(iter(expand_studies(config)['tiny']))}/train.json"
+    where = ["-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
+             "--configfile", cfg]
+    proc = snakemake("data/prepared/mine.pt", *where)  # a real prepare: 90 tiny images
+    assert proc.returncode == 0, out(proc)[-3000:]
+    # stand-ins for the run's outputs, marked up to date (no training in this test)
+    for name in ("model.pt", "init.pt", "train.json"):
+        (tmp_path / run).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / run).with_name(name).write_text("{}")
+    assert snakemake(run, "--touch", *where).returncode == 0
+    proc = snakemake(run, "-n", *where)
+    assert "Nothing to be done" in out(proc), out(proc)[-3000:]
+    _write_npz(tmp_path / "mine.npz", seed=1)  # the user edits the data
+    proc = snakemake(run, "-n", *where)
+    jobs = job_counts(out(proc))
+    assert jobs == {"prepare": 1, "train": 1}, out(proc)[-3000:]
+    assert "reason: Updated input files: mine.npz" in out(proc)
+    assert "reason: Input files updated by another job: data/prepared/mine.pt" in out(proc)
+    (tmp_path / "mine.npz").unlink()
+    proc = snakemake(run, "-n", *where)
+    assert proc.returncode != 0
+    assert "config key 'datasets.mine.source': 'npz:mine.npz': no file mine.npz" in out(proc)
+
+
+def test_editing_a_data_folder_rewrites_its_manifest(tmp_path):
+    """A folder: source is read through data/manifests/<dataset>.json (every file with size
+    and mtime), an input of prepare that is rewritten when a file changes."""
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            (tmp_path / "imgs" / split / cls / "0.png").write_bytes(b"not read here")
+    cfg = str(_user_data_config(tmp_path, "folder:imgs"))
+    where = ["-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
+             "--configfile", cfg]
+    proc = snakemake("data/prepared/mine.pt", "-n", *where)
+    assert job_counts(out(proc)) == {"folder_manifest": 1, "prepare": 1}, out(proc)[-3000:]
+    assert "input: data/manifests/mine.json" in out(proc)
+    manifest = tmp_path / "data/manifests/mine.json"
+    assert snakemake(str(manifest.relative_to(tmp_path)), *where).returncode == 0
+    import json
+
+    listed = json.loads(manifest.read_text())
+    assert [f["path"] for f in listed["files"]] == [
+        "test/a/0.png", "test/b/0.png", "train/a/0.png", "train/b/0.png"]
+    assert {f["size"] for f in listed["files"]} == {len(b"not read here")}
+    proc = snakemake("data/manifests/mine.json", "-n", *where)
+    assert "Nothing to be done" in out(proc), out(proc)[-3000:]
+    (tmp_path / "imgs/train/b/1.png").write_bytes(b"a new image")
+    proc = snakemake("data/manifests/mine.json", "-n", *where)
+    assert job_counts(out(proc)) == {"folder_manifest": 1}, out(proc)[-3000:]
+    assert "Params have changed since last execution" in out(proc)
+
+
 def test_gpu_config_without_gpu_says_how_long(tmp_path):
     """A real run of the default config (through profiles/local) starts with the time
     estimate; without CUDA it warns and points to the quick study."""

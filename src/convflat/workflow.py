@@ -664,6 +664,56 @@ def failed_runs_notice(tables: Mapping[str, str | os.PathLike]) -> str | None:
         parts)
 
 
+# ------------------------------------------------------------------------ user data
+
+
+def user_data_path(source: str) -> Path:
+    """The path of an ``npz:PATH`` or ``folder:PATH`` source, as :func:`convflat.data.prepare`
+    reads it (``~`` expanded; relative to the working directory)."""
+    return Path(str(source).split(":", 1)[1]).expanduser()
+
+
+def folder_listing(folder: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """(path relative to ``folder``, size in bytes, mtime in ns) of every file below it,
+    sorted (hidden ones too: the image-folder loader reads them)."""
+    root = Path(folder)
+    out = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath, name)
+            st = path.stat()
+            out.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def folder_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 of :func:`folder_listing`: changes when a file is added, removed, resized or
+    rewritten."""
+    import hashlib
+
+    text = "\n".join(f"{p}\t{s}\t{m}" for p, s, m in folder_listing(folder))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_folder_manifest(folder: str | os.PathLike, out: str | os.PathLike,
+                          log_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Rule folder_manifest: write ``out`` (JSON: the folder, its digest and every file with
+    size and mtime), atomically; returns it."""
+    listing = folder_listing(folder)
+    obj = {"folder": str(Path(folder).resolve()), "digest": folder_digest(folder),
+           "n_files": len(listing),
+           "files": [{"path": p, "size": s, "mtime_ns": m} for p, s, m in listing]}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, out)  # not convflat.io: this runs in the Snakemake process
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).write_text(f"{len(listing)} files in {folder}, digest {obj['digest']}\n")
+    return obj
+
+
 # ---------------------------------------------------------------------------- download
 
 

@@ -25,8 +25,11 @@ from convflat.workflow import (
     FIGURES,
     VALIDATION_TABLES,
     failed_runs_notice,
+    folder_digest,
     report_estimate,
     startup_notice,
+    user_data_path,
+    write_folder_manifest,
 )
 
 # ---------------------------------------------------------------------------- validation
@@ -86,6 +89,7 @@ wildcard_constraints:
     study="|".join(re.escape(s) for s in STUDIES),
     run_id=RUN_ID_PATTERN,
     prepared=r"[A-Za-z0-9_.-]+",
+    dataset="|".join(re.escape(d) for d in config["datasets"]),
     source="|".join(s.name for s in SOURCES.values() if s.torchvision),
 
 
@@ -147,11 +151,38 @@ def raw_root(wildcards):
 
 
 def prepare_input(wildcards):
-    """The download marker, for torchvision sources only (the rest need no network)."""
-    source = find_source(dataset_config(wildcards)["source"])
+    """What a prepared file is made from, so that Snakemake remakes it (and everything
+    downstream) when that changes: the download marker of a torchvision source, the file of
+    an ``npz:PATH`` source, the listing of a ``folder:PATH`` source (rule folder_manifest);
+    nothing for sources that ship with a package."""
+    name = dataset_config(wildcards)["source"]
+    source = find_source(name)
     if source is not None and source.torchvision:
         return {"download": rules.download.output.marker.format(source=source.name)}
+    key = PREPARED[wildcards.prepared][0]
+    if str(name).startswith("npz:"):
+        path = user_data_path(name)
+        if not path.is_file():
+            raise WorkflowError(
+                f"invalid config: config key 'datasets.{key}.source': {name!r}: no file "
+                f"{path} (relative paths start at {Path.cwd()})"
+            )
+        return {"user_data": str(path)}
+    if str(name).startswith("folder:"):
+        return {"manifest": rules.folder_manifest.output.manifest.format(dataset=key)}
     return {}
+
+
+def manifest_folder(wildcards):
+    """The folder of the ``folder:PATH`` source of dataset ``wildcards.dataset``."""
+    name = str(config["datasets"][wildcards.dataset]["source"])
+    path = user_data_path(name)
+    if not name.startswith("folder:") or not path.is_dir():
+        raise WorkflowError(
+            f"invalid config: config key 'datasets.{wildcards.dataset}.source': {name!r} "
+            f"is not a folder: source with an existing folder ({path})"
+        )
+    return str(path)
 
 
 def run_prepared(wildcards):
