@@ -246,3 +246,19 @@ def test_a_run_with_failed_runs_says_so_at_the_end(tmp_path):
     assert "convflat: some runs failed" in text, text[-3000:]
     assert "study tiny: 1 of 2 runs not usable (status=failed: 1)" in text
     assert "width~4/wd~0: status=failed: RuntimeError: out of memory" in text
+
+
+def test_validation_extra_runs_name_the_key():
+    config = load("quick.yaml")
+    runs = study.expand_studies(config)
+    config["validation"]["invariance"]["extra_runs"] = ["digits_wd/wd~0.01/seed~1", "digits"]
+    got = study.validation_extra_runs(config, runs)
+    first = next(iter(runs["digits"].values())).path
+    assert [r.path for r in got] == ["digits_wd/wd~0.01/seed~1", first]
+    config["validation"]["invariance"]["extra_runs"] = ["digits", "nope"]
+    with pytest.raises(ConfigError, match=r"'validation.invariance.extra_runs\[1\]': 'nope' is "
+                                          "not one of the studies"):
+        study.validation_extra_runs(config, runs)
+    config["validation"]["invariance"]["extra_runs"] = ["digits/wd~9"]
+    with pytest.raises(ConfigError, match=r"extra_runs\[0\]': 'wd~9' is not a run of study"):
+        study.validation_extra_runs(config, runs)

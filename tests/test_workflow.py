@@ -449,3 +449,52 @@ def test_measure_run_exact_measures_see_the_whole_split(tmp_path):
     assert values["conv_trace"] != pytest.approx(first64.trace, rel=1e-3)
     assert values["classifier_trace"] != pytest.approx(whole.classifier_trace, rel=1e-3)
     assert out["measures"]["hutchinson_trace"]["params"]["max_samples"] == 64
+
+
+def test_invariance_table_has_a_batchnorm_case():
+    """The invariance table on a net without BatchNorm (the filter rescaling) and on an
+    extra run with BatchNorm (filters with the running statistics): the conv trace changes
+    and the relative flatness does not in both, and each row names its model and rescaling.
+    The quick config asks for such a BN case (validation.invariance.extra_runs)."""
+    import torch
+
+    from convflat.models import build_model
+    from convflat.workflow import TrainedRun
+
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 1, 8, 8), torch.arange(48) % 3
+
+    def run(bn, path):
+        spec = {"family": "gapcnn", "in_channels": 1, "num_classes": 3, "image_size": [8, 8],
+                "width": 4, "depth": 2, "batchnorm": bn}
+        net = build_model(spec).eval()
+        if bn:  # running statistics that are not the identity
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+        return TrainedRun(net, build_model(spec), (x, y), path)
+
+    main = run(False, "wd/plain")
+    main.also = [run(True, "digits/bn")]
+    cfg = {"seed": 0, "batch_size": 48, "n_samples": 48,
+           "invariance": {"names": ["conv_trace", "conv_relative_flatness", "frobenius_norm"],
+                          "params": {}, "extra_runs": ["digits"]}}
+    df = VALIDATION_TABLES["invariance"].build(cfg, "cpu", main)
+    assert list(df["model"]) == ["wd/plain"] * 3 + ["digits/bn"] * 3
+    assert list(df["rescaling"]) == ["filters"] * 3 + ["batchnorm"] * 3
+    for model in ("wd/plain", "digits/bn"):
+        rows = df[df["model"] == model].set_index("measure")
+        assert rows.loc["conv_trace", "relative_change"] > 1e-2
+        assert rows.loc["conv_relative_flatness", "relative_change"] < 1e-5
+        assert rows["agrees"].tolist() == [True, True, True], rows
+    quick = load_config("config/quick.yaml")
+    extra = quick["validation"]["invariance"]["extra_runs"]
+    from convflat.study import validation_extra_runs
+
+    (bn_run,) = validation_extra_runs(quick, expand_studies(quick))
+    assert extra == ["digits"] and bn_run.spec["batchnorm"] is True
+    sm = mock_snakemake("validation_model", configfile=REPO / "config/quick.yaml",
+                        snakefile=REPO / "Snakefile", table="invariance")
+    assert sm.input.also_model == [f"results/runs/{bn_run.path}/model.pt"]
+    assert sm.input.also_data == [f"data/prepared/{bn_run.prepared}.pt"]

@@ -31,7 +31,7 @@ __all__ = [
     "check_config", "check_measures", "check_models", "code_version", "estimate_hours",
     "estimate_text", "expand_studies",
     "expand_study", "format_run_id", "format_value", "parse_run_id", "prepared_files",
-    "prepared_name", "validation_run",
+    "prepared_name", "validation_extra_runs", "validation_run",
 ]
 
 
@@ -422,6 +422,26 @@ def validation_run(config: Mapping[str, Any],
             f"invalid config: config key 'validation.run': {run_id!r} is not a run of study "
             f"{study!r} (e.g. {next(iter(runs[study]))!r})")
     return runs[study][run_id]
+
+
+def validation_extra_runs(config: Mapping[str, Any],
+                          runs: Mapping[str, Mapping[str, Run]]) -> list[Run]:
+    """The runs of ``validation.invariance.extra_runs``: each ``<study>`` (its first run)
+    or ``<study>/<run_id>``, as :class:`Run`; an unknown one raises :class:`ConfigError`
+    naming its key."""
+    out = []
+    for i, text in enumerate(config["validation"]["invariance"].get("extra_runs") or []):
+        name, _, run_id = str(text).partition("/")
+        key = f"validation.invariance.extra_runs[{i}]"
+        if name not in runs:
+            raise ConfigError(f"invalid config: config key '{key}': {name!r} is not one of the "
+                              f"studies {sorted(runs)}")
+        if run_id and run_id not in runs[name]:
+            raise ConfigError(
+                f"invalid config: config key '{key}': {run_id!r} is not a run of study "
+                f"{name!r} (e.g. {next(iter(runs[name]))!r})")
+        out.append(runs[name][run_id] if run_id else next(iter(runs[name].values())))
+    return out
 
 
 # ------------------------------------------------------------------------ code versions

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -178,11 +178,14 @@ def _flatness_over_training(inputs, out, analysis):
 @dataclass
 class TrainedRun:
     """The trained model a validation table uses, its initial weights and a seeded subset
-    of its training data ``(x, y)``."""
+    of its training data ``(x, y)``; ``path`` names it (``<study>/<run_id>``), ``also``
+    holds the runs of ``validation.invariance.extra_runs`` (invariance table only)."""
 
     model: Any
     init: Any
     data: tuple[Any, Any]
+    path: str = ""
+    also: list[TrainedRun] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -246,14 +249,30 @@ def _exactness(cfg, device, run):
 
 @validation_table("invariance", uses_model=True)
 def _invariance(cfg, device, run):
-    """Each measure before and after a function-preserving rescaling of the last conv's
-    filters, with what theory predicts."""
+    """Each measure before and after a function-preserving rescaling, with what theory
+    predicts, on the validation run and each run of ``extra_runs`` (column ``model``).
+    Without BatchNorm after the last conv the rescaling is its filters against the
+    classifier; with it (column ``rescaling`` = batchnorm), every conv's filters with its
+    BatchNorm's running mean and variance, and the last BatchNorm's affine against the
+    classifier."""
+    import pandas as pd
+
     from convflat.measures import invariance_table
+    from convflat.measures.fold import conv_bn_pairs
 
     c = cfg["invariance"]
-    return invariance_table(run.model, run.data, names=c["names"], init_model=run.init,
-                            params=c["params"] or None, seed=cfg["seed"], device=device,
-                            batch_size=cfg["batch_size"])
+    parts = []
+    for one in [run, *run.also]:
+        rescaling = "batchnorm" if conv_bn_pairs(one.model)[0] else "filters"
+        df = invariance_table(one.model, one.data, names=c["names"], init_model=one.init,
+                              params=c["params"] or None, seed=cfg["seed"], device=device,
+                              batch_size=cfg["batch_size"], rescaling=rescaling)
+        df.insert(0, "rescaling", rescaling)
+        df.insert(0, "model", one.path)
+        parts.append(df)
+        log.info("%s (%s rescaling): %s agree with theory", one.path, rescaling,
+                 df["agrees"].value_counts(dropna=False).to_dict())
+    return pd.concat(parts, ignore_index=True)
 
 
 @validation_table("hutchinson", uses_model=True)
@@ -296,7 +315,21 @@ def load_trained_run(model: str | os.PathLike, init: str | os.PathLike,
     x, y = load_prepared(data).tensors("train")
     x, y = seeded_subset(x, y, n=n_samples, seed=seed)
     log.info("model %s, %d training samples", model, int(x.shape[0]))
-    return TrainedRun(load_checkpoint(model)[0], load_checkpoint(init)[0], (x, y))
+    path = Path(model).parent.as_posix()
+    path = path.split("results/runs/", 1)[1] if "results/runs/" in path else path
+    return TrainedRun(load_checkpoint(model)[0], load_checkpoint(init)[0], (x, y), path)
+
+
+def load_validation_runs(inputs: Mapping[str, Any], *, n_samples: int,
+                         seed: int) -> TrainedRun:
+    """The validation run of a validation_model job's ``inputs`` (``model``, ``init``,
+    ``record``, ``data``; :func:`load_trained_run`), with the runs of the lists
+    ``also_model``, ``also_init``, ``also_record``, ``also_data`` in its ``also``."""
+    keys = ("model", "init", "record", "data")
+    extra = zip(*(inputs.get(f"also_{k}", []) for k in keys), strict=True)
+    run = load_trained_run(*(inputs[k] for k in keys), n_samples=n_samples, seed=seed)
+    run.also = [load_trained_run(*files, n_samples=n_samples, seed=seed) for files in extra]
+    return run
 
 
 def markdown_table(df: Any) -> str:

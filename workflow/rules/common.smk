@@ -19,6 +19,7 @@ from convflat.study import (
     code_version,
     expand_studies,
     prepared_files,
+    validation_extra_runs,
     validation_run,
 )
 from convflat.workflow import (
@@ -75,6 +76,7 @@ def validated_plan(config):
         runs = expand_studies(config)
         if config["validation"]["enabled"]:
             validation_run(config, runs)
+            validation_extra_runs(config, runs)
     except ConfigError as exc:
         raise WorkflowError(str(exc)) from None
     return runs
@@ -190,13 +192,23 @@ def run_prepared(wildcards):
 
 
 def validation_inputs(wildcards):
-    """The trained run the model-based validation tables use, and its data."""
-    run = validation_run(config, RUNS)
-    files = {
-        k: getattr(rules.train.output, k).format(study=run.study, run_id=run.run_id)
-        for k in ("model", "init", "record")
-    }
-    return {**files, "data": rules.prepare.output.data.format(prepared=run.prepared)}
+    """The trained run the model-based validation tables use, and its data; for the
+    invariance table also those of validation.invariance.extra_runs (lists ``also_model``,
+    ``also_init``, ``also_record``, ``also_data``)."""
+
+    def files(run):
+        out = {
+            k: getattr(rules.train.output, k).format(study=run.study, run_id=run.run_id)
+            for k in ("model", "init", "record")
+        }
+        return {**out, "data": rules.prepare.output.data.format(prepared=run.prepared)}
+
+    main = files(validation_run(config, RUNS))
+    if getattr(wildcards, "table", None) == "invariance":
+        extra = [files(run) for run in validation_extra_runs(config, RUNS)]
+        if extra:
+            main.update({f"also_{k}": [e[k] for e in extra] for k in extra[0]})
+    return main
 
 
 def validation_slice(table):

@@ -1,8 +1,9 @@
 """Rules validation_reference / validation_model: one table that checks the method itself.
 
 The table is built by its entry of convflat.workflow.VALIDATION_TABLES: on small reference
-networks, or on the trained model of config key validation.run with a seeded random subset
-of its training data. Outputs: <table>.csv and <table>.md.
+networks, or on the trained model of config key validation.run (and, for the invariance
+table, validation.invariance.extra_runs) with a seeded random subset of its training data.
+Outputs: <table>.csv and <table>.md.
 """
 
 import time
@@ -10,7 +11,7 @@ import time
 from convflat.io import resolve_device
 from convflat.workflow import (
     VALIDATION_TABLES,
-    load_trained_run,
+    load_validation_runs,
     snakemake_from_argv,
     start,
     write_table,
@@ -22,10 +23,9 @@ def main(snakemake):
     t0, cfg = time.perf_counter(), snakemake.params.validation
     table = VALIDATION_TABLES[snakemake.params.table]
     run = None
-    if table.uses_model:
-        i = snakemake.input
-        run = load_trained_run(i.model, i.init, i.record, i.data, n_samples=cfg["n_samples"],
-                               seed=cfg["seed"])
+    if table.uses_model:  # the validation run (and validation.invariance.extra_runs)
+        run = load_validation_runs(dict(snakemake.input.items()),
+                                   n_samples=cfg["n_samples"], seed=cfg["seed"])
     df = table.build(cfg, resolve_device(snakemake.params.device), run)
     write_table(df, snakemake.output.csv, snakemake.output.md)
     log.info("%s table: %d rows in %.1f s", table.name, len(df), time.perf_counter() - t0)
