@@ -153,17 +153,18 @@ def _flatness_over_training(inputs, out, analysis):
     part of their trajectories. Runs that failed or diverged are left out."""
     from convflat.analysis import NUISANCE_AXES, plot_flatness_over_training, read_runs
 
-    paths = [Path(p) for p in inputs["records"]]
-    root = Path(os.path.commonpath([p.parent for p in paths])) if len(paths) > 1 else None
+    runs = read_runs(inputs["runs"]).set_index("run_id")
     histories, stops = {}, set()
-    for path in paths:
+    for path in map(Path, inputs["records"]):
         rec = json.loads(path.read_text())
         if rec.get("status") != "ok" or not rec.get("history"):
             continue
-        label = str(path.parent.relative_to(root)) if root is not None else path.parent.name
+        folder = "/" + path.parent.as_posix()  # .../<study>/<run_id>
+        label = next((r for r in runs.index if folder.endswith("/" + r)), None)
+        if label is None:
+            raise ValueError(f"{path} is not the record of a run of {inputs['runs']}")
         histories[label] = rec["history"]
         stops.add((rec.get("config") or {}).get("stop_loss"))
-    runs = read_runs(inputs["runs"]).set_index("run_id")
     axes = [c for c in runs.columns if c.startswith("hp_") and c not in NUISANCE_AXES
             and runs[c].nunique() > 1]
     hue = ({label: runs.at[label, axes[0]] for label in histories} if axes else None)
