@@ -251,10 +251,11 @@ def test_a_run_with_failed_runs_says_so_at_the_end(tmp_path):
 def test_validation_extra_runs_name_the_key():
     config = load("quick.yaml")
     runs = study.expand_studies(config)
-    config["validation"]["invariance"]["extra_runs"] = ["digits_wd/wd~0.01/seed~1", "digits"]
+    last = list(runs["digits_wd"])[-1]
+    config["validation"]["invariance"]["extra_runs"] = [f"digits_wd/{last}", "digits"]
     got = study.validation_extra_runs(config, runs)
     first = next(iter(runs["digits"].values())).path
-    assert [r.path for r in got] == ["digits_wd/wd~0.01/seed~1", first]
+    assert [r.path for r in got] == [f"digits_wd/{last}", first]
     config["validation"]["invariance"]["extra_runs"] = ["digits", "nope"]
     with pytest.raises(ConfigError, match=r"'validation.invariance.extra_runs\[1\]': 'nope' is "
                                           "not one of the studies"):
@@ -262,3 +263,17 @@ def test_validation_extra_runs_name_the_key():
     config["validation"]["invariance"]["extra_runs"] = ["digits/wd~9"]
     with pytest.raises(ConfigError, match=r"extra_runs\[0\]': 'wd~9' is not a run of study"):
         study.validation_extra_runs(config, runs)
+
+
+def test_training_settings_between_fields_name_the_key():
+    """What the schema checks field by field but TrainConfig refuses as a whole."""
+    config = load("test.yaml")
+    config["studies"]["tiny"]["train"]["warmup_epochs"] = 5.0  # epochs: 3
+    with pytest.raises(ConfigError, match=r"config key 'studies.tiny.train.warmup_epochs': "
+                                          r"TrainConfig.warmup_epochs must be in \[0, epochs\]"):
+        study.check_config(config, deep=False)
+    config = load("test.yaml")
+    config["studies"]["tiny"]["train"].update(optimizer="adam", nesterov=True)
+    with pytest.raises(ConfigError, match="'studies.tiny.train.nesterov': TrainConfig.nesterov "
+                                          "needs optimizer='sgd'"):
+        study.check_config(config)

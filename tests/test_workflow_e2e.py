@@ -29,13 +29,17 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 pytestmark = pytest.mark.slow
 
 BROKEN = {
-    "description": "One ResNet that trains and one that cannot be built.",
+    "description": "Two ResNets; the second fails while training (its checkpoint cannot be "
+                   "written: a directory is in the way, a stand-in for a full disk).",
     "dataset": "digits",
     "model": {"family": "resnet", "width": 4},
     "train": {"epochs": 2, "batch_size": 64, "lr": 0.05},
-    "grid": {"subset": [200], "depth": [8, 9]},  # a subset axis: its own prepared file
+    "grid": {"subset": [200], "depth": [8, 14]},  # a subset axis: its own prepared file
     "measure": {"names": ["conv_trace", "conv_relative_flatness"], "n_samples": 64},
 }
+# An unbuildable spec (resnet depth 9) no longer reaches training: the config check refuses
+# it when the config loads (tests/test_config_checks.py). A failure the config cannot foresee:
+FAILING_RUN = "n~200/depth~14"
 
 
 def run_snakemake(workdir: Path, *args: str, timeout: int = 900):
@@ -55,6 +59,7 @@ def study(tmp_path_factory):
     config["analysis"]["overall"] = False
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config, sort_keys=False))
+    (workdir / "results/runs/broken" / FAILING_RUN / "checkpoint.pt").mkdir(parents=True)
     proc, text = run_snakemake(workdir, "--cores", "2", "--configfile", str(configfile))
     assert proc.returncode == 0, text[-6000:]
     report, rtext = run_snakemake(workdir, "--configfile", str(configfile),
@@ -131,15 +136,20 @@ def test_failed_run_is_recorded_and_counted(study):
     workdir, _, _ = study
     rows = {r["run_id"]: r for r in read_csv(workdir / "results/tables/broken/runs.csv")}
     assert rows["n~200/depth~8"]["status"] == "ok"
-    assert rows["n~200/depth~9"]["status"] == "failed"
-    assert "depth" in rows["n~200/depth~9"]["error"]
-    run = workdir / "results/runs/broken/n~200/depth~9"
+    assert rows[FAILING_RUN]["status"] == "failed"
+    assert "checkpoint.pt" in rows[FAILING_RUN]["error"]
+    run = workdir / "results/runs/broken" / FAILING_RUN
     assert json.loads((run / "train.json").read_text())["status"] == "failed"
     assert json.loads((run / "measures.json").read_text())["status"] == "failed"
     corr = read_csv(workdir / "results/tables/broken/correlation.csv")
     assert {r["n_runs"] for r in corr} == {"1"} and {r["n_excluded"] for r in corr} == {"1"}
     md = (workdir / "results/tables/broken/correlation.md").read_text()
     assert "status=failed: 1" in md
+    # and the end of the run says so on the console (common.smk onsuccess)
+    _, _, text = study
+    assert "convflat: some runs failed" in text
+    assert "study broken: 1 of 2 runs not usable (status=failed: 1)" in text
+    assert f"{FAILING_RUN}: status=failed: " in text
 
 
 def test_correlation_tables(study):

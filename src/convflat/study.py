@@ -28,7 +28,8 @@ from convflat.sources import find_source, source_names
 
 __all__ = [
     "AXES", "RATES", "RUN_ID_PATTERN", "STAGE_VERSIONS", "Axis", "ConfigError", "Run",
-    "check_config", "check_measures", "check_models", "code_version", "estimate_hours",
+    "check_config", "check_measures", "check_models", "check_training", "code_version",
+    "estimate_hours",
     "estimate_text", "expand_studies",
     "expand_study", "format_run_id", "format_value", "parse_run_id", "prepared_files",
     "prepared_name", "validation_extra_runs", "validation_run",
@@ -249,9 +250,33 @@ def check_config(config: Mapping[str, Any], *, deep: bool = True) -> None:
         raise ConfigError(
             f"invalid config: config key 'validation.study': {val['study']!r} is not "
             f"one of the studies {sorted(config['studies'])}")
+    check_training(config)
     if deep:
         check_measures(config)
         check_models(config)
+
+
+def check_training(config: Mapping[str, Any]) -> None:
+    """Every run's training settings make a valid :class:`convflat.train.TrainConfig` (the
+    checks between fields that the schema cannot make: warmup_epochs <= epochs, nesterov
+    with SGD and momentum, ...). Raises :class:`ConfigError` naming the key
+    (``studies.<s>.train.<field>``, or ``studies.<s>.grid.<axis>`` when a grid value is
+    the cause). Imports no torch."""
+    import re
+
+    from convflat.train_config import TrainConfig
+
+    for name, study in config["studies"].items():
+        for run in expand_study(name, study, config["datasets"]).values():
+            try:
+                TrainConfig.from_dict(dict(run.train))
+            except (TypeError, ValueError) as exc:
+                match = re.search(r"TrainConfig\.(\w+)", str(exc))
+                field = match.group(1) if match else None
+                section = "grid" if field in study["grid"] else "train"
+                where = f"studies.{name}.{section}" + (f".{field}" if field else "")
+                raise ConfigError(f"invalid config: config key '{where}': {exc} "
+                                  f"(run {run.run_id})") from None
 
 
 # The checks below build things the schema cannot see into: every study's model spec (on the
