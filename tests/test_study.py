@@ -57,15 +57,14 @@ def test_quick_study_plan():
     assert run.prepared == "digits-n300-noise0.2" and run.path == f"digits/{run.run_id}"
     assert run.data == {"label_noise": 0.2, "subset": 300}
     wd = runs["digits_wd"]
-    assert list(wd) == [f"wd~{w}/seed~{s}" for w in ("0", "0.001", "0.003", "0.01", "0.03")
-                        for s in (0, 1)]
-    assert wd["wd~0.03/seed~1"].spec == {"family": "gapcnn", "width": 16, "depth": 3,
-                                         "batchnorm": False}
-    assert wd["wd~0.03/seed~1"].prepared == "digits"
+    assert list(wd) == [f"n~300/wd~{w}/seed~{s}" for w in ("0", "0.002", "0.004", "0.006")
+                        for s in (0, 1, 2)]
+    assert wd["n~300/wd~0.006/seed~1"].spec == {"family": "gapcnn", "width": 16, "depth": 3,
+                                                "batchnorm": False}
+    assert wd["n~300/wd~0.006/seed~1"].prepared == "digits-n300"  # shared with digits
     assert study.prepared_files(config) == {
         "digits-n300": ("digits", 0.0, 300), "digits-n300-noise0.2": ("digits", 0.2, 300),
-        "digits-n1437": ("digits", 0.0, 1437), "digits-n1437-noise0.2": ("digits", 0.2, 1437),
-        "digits": ("digits", 0.0, None)}
+        "digits-n1437": ("digits", 0.0, 1437), "digits-n1437-noise0.2": ("digits", 0.2, 1437)}
     for name in ("digits", "digits_wd"):  # the matched-loss protocol
         train = config["studies"][name]["train"]
         assert (train["stop_loss"], train["schedule"]) == (0.01, "constant")
@@ -190,9 +189,9 @@ def test_sources_by_alias_and_user_files_pass_the_check():
 def test_validation_run_default_and_explicit():
     config = load("quick.yaml")
     runs = study.expand_studies(config)
-    assert study.validation_run(config, runs).path == "digits_wd/wd~0/seed~0"
-    config["validation"]["run"] = "wd~0.01/seed~1"
-    assert study.validation_run(config, runs).path == "digits_wd/wd~0.01/seed~1"
+    assert study.validation_run(config, runs).path == "digits_wd/n~300/wd~0/seed~0"
+    config["validation"]["run"] = "n~300/wd~0.006/seed~1"
+    assert study.validation_run(config, runs).path == "digits_wd/n~300/wd~0.006/seed~1"
     config["validation"]["run"] = "wd~1/seed~0"
     with pytest.raises(ConfigError, match="'validation.run': 'wd~1/seed~0' is not a run"):
         study.validation_run(config, runs)

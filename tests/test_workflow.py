@@ -113,8 +113,9 @@ def test_dry_run_quick_config():
     assert jobs["figure"] == 2 * 4 + 1 and jobs["validation_reference"] == 1
     assert "wildcards: study=digits_wd, figure=false_friend" in out(proc)
     assert "wildcards: study=digits, figure=flatness_over_training" in out(proc)
-    # one prepared file per training-set size and noise level of the grid, plus digits_wd's
-    assert jobs["prepare"] == 2 * 2 + 1
+    # one prepared file per training-set size and noise level of the grid (digits_wd's
+    # subset of 300 is digits-n300 too)
+    assert jobs["prepare"] == 2 * 2
     assert "output: data/prepared/digits-n300-noise0.2.pt" in out(proc)
     assert jobs["overview_notebook"] == len(config["studies"])
     assert "gpu=1" not in out(proc)
@@ -252,8 +253,8 @@ def test_mock_snakemake_builds_a_job():
                         snakefile=REPO / "Snakefile", study="digits_wd",
                         figure="flatness_over_training")
     assert dict(sm.input.items())["records"] == [
-        f"results/runs/digits_wd/wd~{w}/seed~{s}/train.json"
-        for w in ("0", "0.001", "0.003", "0.01", "0.03") for s in (0, 1)]
+        f"results/runs/digits_wd/n~300/wd~{w}/seed~{s}/train.json"
+        for w in ("0", "0.002", "0.004", "0.006") for s in (0, 1, 2)]
     sm = mock_snakemake("figure", configfile=REPO / "config/quick.yaml",
                         snakefile=REPO / "Snakefile", study="digits", figure="tau_psi")
     assert dict(sm.input.items()) == {"correlation": "results/tables/digits/correlation.csv"}
