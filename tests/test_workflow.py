@@ -499,3 +499,99 @@ def test_invariance_table_has_a_batchnorm_case():
                         snakefile=REPO / "Snakefile", table="invariance")
     assert sm.input.also_model == [f"results/runs/{bn_run.path}/model.pt"]
     assert sm.input.also_data == [f"data/prepared/{bn_run.prepared}.pt"]
+
+
+def _sweep(error_slope: float):
+    """A false-friend sweep: 4 weight decays x 2 seeds; test error moves with weight decay
+    by ``error_slope`` per step, the Hessian trace falls and the relative flatness rises
+    with weight decay (small seed noise that never reorders the steps)."""
+    import pandas as pd
+
+    rows = []
+    for step, wd in enumerate((0.0, 0.001, 0.01, 0.03)):
+        for seed in (0, 1):
+            rows.append({"run_id": f"wd~{wd}/seed~{seed}", "status": "ok", "converged": True,
+                         "hp_weight_decay": wd, "hp_seed": seed,
+                         "test_error": 0.05 + error_slope * step + 0.002 * seed,
+                         "m_hutchinson_trace": 100.0 / (1 + step) + seed,
+                         "m_conv_trace": 10.0 / (1 + step),
+                         "m_conv_relative_flatness": 1.0 + step + 0.01 * seed})
+    return pd.DataFrame(rows)
+
+
+def test_false_friend_caption_says_what_the_data_show():
+    """The caption is computed: 'rises' for a sweep where test error rises with weight
+    decay, 'falls' where it falls, and each curvature measure's tau with test error decides
+    whether it calls the better-generalizing nets sharper."""
+    from scipy.stats import kendalltau
+
+    from convflat.analysis.figures import false_friend_caption
+
+    up = _sweep(+0.01)
+    text = false_friend_caption(up)
+    tau = kendalltau(up["m_hutchinson_trace"], up["test_error"]).statistic
+    assert text.startswith("Test error rises with weight decay: 5.1 % at 0, 8.1 % at 0.03"), text
+    assert tau < 0 and (f"The Hessian trace of the whole network (Hutchinson) calls the "
+                        f"better-generalizing nets sharper (Kendall's tau with test error "
+                        f"{tau:+.2f})") in text
+    assert ("The conv-layer relative flatness does not call the better-generalizing nets "
+            "sharper: it ranks them flatter (Kendall's tau with test error +1.00)") in text
+    assert "8 runs used, 0 excluded" in text
+    sweep = _sweep(-0.01)
+    down = false_friend_caption(sweep)
+    tau = kendalltau(sweep["m_conv_relative_flatness"], sweep["test_error"]).statistic
+    assert down.startswith("Test error falls with weight decay: 5.1 % at 0, 2.1 % at 0.03")
+    assert tau < 0 and ("The conv-layer relative flatness calls the better-generalizing nets "
+                        f"sharper (Kendall's tau with test error {tau:+.2f})") in down
+    assert "rises" not in down and "falls" not in text
+    flat = _sweep(0.0)
+    flat["test_error"] = [0.05, 0.06, 0.06, 0.05, 0.05, 0.06, 0.06, 0.05]
+    assert "Test error shows no clear trend with weight decay" in false_friend_caption(flat)
+    # the registry caption no longer asserts a direction; the report includes the computed one
+    assert "improves" not in FIGURES["false_friend"].caption
+    rst = (REPO / "workflow/report/figure.rst").read_text()
+    assert ".. include:: {{ snakemake.output.png[:-4] }}.caption.rst" in rst
+
+
+def test_html_hides_the_code_and_the_overview_answers_first(tmp_path):
+    """render_html leaves out the code of parameters / hide-input cells (their output
+    stays) and remove-cell cells entirely; the overview template opens with the computed
+    answer (headline), then the figures, then the tables, and shows no code in HTML."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    from convflat.workflow import render_html
+
+    def cell(src, text, tags):
+        return new_code_cell(src, metadata={"tags": tags}, outputs=[
+            new_output("stream", name="stdout", text=text)])
+
+    nb = new_notebook(cells=[
+        new_markdown_cell("# Title"),
+        cell("secret_parameter = 1", "", ["parameters"]),
+        cell("hidden_helper_code()", "VISIBLE-OUTPUT\n", ["hide-input"]),
+        cell("removed_entirely()", "REMOVED-OUTPUT\n", ["remove-cell"]),
+        cell("shown_code()", "SHOWN-OUTPUT\n", []),
+    ])
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    render_html(tmp_path / "nb.ipynb", tmp_path / "nb.html")
+    html = (tmp_path / "nb.html").read_text()
+    assert "VISIBLE-OUTPUT" in html and "SHOWN-OUTPUT" in html and "shown_code" in html
+    for gone in ("secret_parameter", "hidden_helper_code", "removed_entirely",
+                 "REMOVED-OUTPUT"):
+        assert gone not in html, gone
+
+    overview = nbformat.read(REPO / "notebooks/overview.ipynb", as_version=4)
+    code = [c for c in overview.cells if c.cell_type == "code"]
+    assert code[0].metadata["tags"] == ["parameters"]
+    assert all("hide-input" in c.metadata.get("tags", []) for c in code[1:])
+    order = [i for i, c in enumerate(overview.cells) if c.cell_type == "code"]
+    first = {key: next(i for i in order if key in overview.cells[i].source)
+             for key in ("headline_markdown", "FIGURES.items()", "correlation_markdown",
+                         "runs_summary_table", "def demo_zoo")}
+    assert (first["headline_markdown"] < first["FIGURES.items()"]
+            < first["correlation_markdown"] < first["runs_summary_table"]), first
+    # the only cell with visible output before the answer is the setup (which prints only
+    # when it trains the demonstration zoo instead of reading the study's tables)
+    assert "print(f\"convflat" not in overview.cells[first["def demo_zoo"]].source
+    assert "false_friend_caption(runs" in overview.cells[first["FIGURES.items()"]].source

@@ -135,13 +135,20 @@ def _psi_heatmap(inputs, out, analysis):
 def _false_friend(inputs, out, analysis):
     """"Flatness is a false friend" (Granziol 2020): test error, Hessian traces and the
     conv-layer relative flatness against weight decay at otherwise fixed settings (mean and
-    one standard deviation over seeds). Stronger weight decay shrinks the weights and raises
-    the Hessian trace while test error improves, so the trace calls the better model
-    sharper; the relative flatness, invariant to that rescaling, need not."""
+    one standard deviation over seeds). Granziol's point: weight decay changes the scale of
+    the weights, which moves the Hessian trace whatever it does to test error, so the trace
+    can call the better-generalizing nets sharper; the relative flatness, invariant to that
+    rescaling, need not. What this study's runs show is computed from them in
+    ``false_friend.caption.rst`` beside the figure (in the report, below)."""
     from convflat.analysis import plot_false_friend, read_runs
+    from convflat.analysis.figures import false_friend_caption
+    from convflat.io import atomic_write_text
 
-    return plot_false_friend(read_runs(inputs["runs"]), out,
-                             require_converged=analysis["require_converged"])
+    runs = read_runs(inputs["runs"])
+    caption = false_friend_caption(runs, require_converged=analysis["require_converged"])
+    log.info("false friend: %s", caption)
+    atomic_write_text(Path(out).with_suffix(".caption.rst"), caption + "\n")
+    return plot_false_friend(runs, out, require_converged=analysis["require_converged"])
 
 
 @figure("flatness_over_training", reads=("runs", "records"), when="train.track_flatness")
@@ -601,14 +608,31 @@ def run_notebook(template: str | os.PathLike, out: str | os.PathLike,
     os.replace(tmp_out, out)
 
 
+#: Cell tags of the notebook templates: what the rendered HTML leaves out. The reader sees
+#: the answer, figures and tables first; parameters, imports and helper code stay in the
+#: executed ``.ipynb``.
+HIDE_INPUT_TAGS = ("parameters", "injected-parameters", "hide-input")
+REMOVE_CELL_TAGS = ("remove-cell",)
+
+
 def render_html(notebook: str | os.PathLike, html: str | os.PathLike) -> int:
     """An executed notebook as one self-contained HTML file (images inlined), written
-    atomically; returns its length in characters. Imports no torch."""
+    atomically; returns its length in characters. The code of cells tagged
+    :data:`HIDE_INPUT_TAGS` is left out (their output stays), cells tagged
+    :data:`REMOVE_CELL_TAGS` entirely, and so are input and output prompts. Imports no
+    torch."""
     import nbformat
     from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
 
     nb = nbformat.read(str(notebook), as_version=4)
-    text, _ = HTMLExporter(embed_images=True).from_notebook_node(nb)
+    exporter = HTMLExporter(embed_images=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True)
+    exporter.register_preprocessor(
+        TagRemovePreprocessor(remove_input_tags=set(HIDE_INPUT_TAGS),
+                              remove_cell_tags=set(REMOVE_CELL_TAGS), enabled=True),
+        enabled=True)
+    text, _ = exporter.from_notebook_node(nb)
     tmp = Path(html).with_name(f".{Path(html).name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, html)  # not convflat.io.atomic_write_text: that module's import costs more

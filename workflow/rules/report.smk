@@ -1,6 +1,7 @@
 # Stage 6: notebooks. The template (notebooks/<name>.ipynb) is an input; papermill runs it
 # with the study's files as parameters and the executed copy is the output; nbconvert then
-# renders it to one self-contained HTML file. `snakemake --report` gathers everything.
+# renders it to one self-contained HTML file without the code of cells tagged parameters or
+# hide-input (convflat.workflow.render_html). `snakemake --report` gathers everything.
 
 
 rule overview_notebook:
@@ -8,11 +9,11 @@ rule overview_notebook:
         template=notebook_template("overview"),
         runs=rules.collect.output.runs,
         correlation=rules.correlation.output.csv,
-        figures=expand(
-            rules.figure.output.png,
-            figure=["measure_vs_gap", "tau_psi"],
-            allow_missing=True,
-        ),
+        figures=lambda wildcards: [
+            rules.figure.output.png.format(study=wildcards.study, figure=name)
+            for name, fig in FIGURES.items()
+            if fig.wanted(STUDIES[wildcards.study])
+        ],
     output:
         notebook="results/notebooks/{study}/overview.ipynb",
     log:
@@ -32,6 +33,8 @@ rule overview_notebook:
             "correlation_csv": input.correlation,
             "figures_dir": f"results/figures/{wildcards.study}",
             "description": STUDIES[wildcards.study]["description"],
+            "targets": config["analysis"]["targets"],
+            "require_converged": config["analysis"]["require_converged"],
         },
         timeout=config["notebooks"]["timeout"],
         version=code_version("notebook"),

@@ -45,6 +45,7 @@ from convflat.io import atomic_write
 
 __all__ = [
     "FLATNESS_KEYS",
+    "false_friend_caption",
     "figure_paths",
     "load_histories",
     "plot_false_friend",
@@ -473,8 +474,9 @@ def plot_false_friend(
     pooled unless ``hue`` names one of them (then one line per value). The x axis is
     logarithmic (symmetric-log with a linear part below the smallest positive value when
     0 is among the values); a y axis is logarithmic when the column is positive and spans
-    more than two orders of magnitude. Hessian traces fall as weight decay grows while test
-    error improves: the measures that are not scale-invariant call the better model sharper.
+    more than two orders of magnitude. What a given sweep shows (does test error rise or
+    fall, which measures call the better-generalizing nets sharper) is
+    :func:`false_friend_caption`, computed from the same runs.
     """
     require_columns(runs, [axis])
     if columns is None:
@@ -524,6 +526,72 @@ def plot_false_friend(
             note += "; pooled over " + ", ".join(short_name(a) for a in others)
         fig.suptitle(note, fontsize=7)
         return _save(fig, out, dpi)
+
+
+#: What the false-friend caption calls each curvature column.
+_FALSE_FRIEND_NAMES = {
+    "m_hutchinson_trace": "the Hessian trace of the whole network (Hutchinson)",
+    "m_conv_trace": "the exact Hessian trace of the last conv layer",
+    "m_conv_relative_flatness": "the conv-layer relative flatness",
+}
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f} %"
+
+
+def false_friend_caption(runs: pd.DataFrame, *, axis: str = "hp_weight_decay",
+                         require_converged: bool = True) -> str:
+    """What the false-friend figure shows, in words computed from its runs (the usable
+    ones, as :func:`plot_false_friend` draws them): whether the mean test error rises or
+    falls from the smallest to the largest weight decay (and Kendall's tau between weight
+    decay and test error over the runs, which must agree in sign, else it is "no clear
+    trend"), then for each curvature measure of :data:`FALSE_FRIEND_COLUMNS` Kendall's tau
+    with test error over the runs and what that means: a negative tau calls the
+    better-generalizing nets (lower test error) sharper, a positive one flatter."""
+    require_columns(runs, [axis, "test_error"])
+    sel = _usable(runs, require_converged)
+    use = sel.runs
+    wd = numeric_column(use, axis)
+    err = numeric_column(use, "test_error")
+    ok = np.isfinite(wd) & np.isfinite(err)
+    if ok.sum() < 2 or len(np.unique(wd[ok])) < 2:
+        return (f"Too few usable runs to say how test error moves with weight decay "
+                f"({sel.summary()}).")
+    means = pd.Series(err[ok]).groupby(wd[ok]).mean().sort_index()
+    lo_wd, hi_wd = means.index[0], means.index[-1]
+    tau_wd = kendall_tau(wd[ok], err[ok])
+    diff = means.iloc[-1] - means.iloc[0]
+    if diff > 0 and tau_wd > 0:
+        trend = "rises"
+    elif diff < 0 and tau_wd < 0:
+        trend = "falls"
+    else:
+        trend = "shows no clear trend"
+    text = [f"Test error {trend} with weight decay: {_pct(means.iloc[0])} at {lo_wd:g}, "
+            f"{_pct(means.iloc[-1])} at {hi_wd:g} (mean over runs; Kendall's tau between "
+            f"weight decay and test error {tau_wd:+.2f} over {int(ok.sum())} runs)."]
+    for col in FALSE_FRIEND_COLUMNS[1:]:
+        if col not in use.columns:
+            continue
+        m = numeric_column(use, col)
+        both = np.isfinite(m) & np.isfinite(err)
+        tau = kendall_tau(m[both], err[both]) if both.sum() >= 2 else float("nan")
+        name = _FALSE_FRIEND_NAMES[col]
+        if not np.isfinite(tau):
+            text.append(f"For {name} the tau with test error is undefined.")
+        elif tau < 0:
+            text.append(f"{name[0].upper() + name[1:]} calls the better-generalizing nets "
+                        f"sharper (Kendall's tau with test error {tau:+.2f}).")
+        elif tau > 0:
+            text.append(f"{name[0].upper() + name[1:]} does not call the better-generalizing "
+                        f"nets sharper: it ranks them flatter (Kendall's tau with test error "
+                        f"{tau:+.2f}).")
+        else:
+            text.append(f"{name[0].upper() + name[1:]} does not order the nets by test error "
+                        "(Kendall's tau 0).")
+    text.append(f"{sel.summary()}.")
+    return " ".join(text)
 
 
 # ------------------------------------------------------------ flatness over training
