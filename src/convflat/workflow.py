@@ -529,7 +529,7 @@ def mock_snakemake(rule: str, *, configfile: str | os.PathLike | None = None,
 def snakemake_from_argv(rule: str, argv: list[str] | None = None) -> Any:
     """:func:`mock_snakemake` from a command line: ``[--configfile FILE] [name=value ...]``
     (the rule's wildcards), e.g. ``python workflow/scripts/train.py --configfile
-    config/quick.yaml study=digits run_id=width~8/depth~2/wd~0/seed~0``, from the
+    config/quick.yaml study=digits run_id=n~300/noise~0/width~8/depth~3/seed~0``, from the
     workflow's directory."""
     import argparse
 
