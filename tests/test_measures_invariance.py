@@ -58,17 +58,22 @@ def trained():
     )
     init = copy.deepcopy(model).double()
     x, y = digits()
-    # train in float32 (faster), measure in float64
+    return _fit(model, x, y, steps=250, min_acc=0.9), init, x, y
+
+
+def _fit(model, x, y, *, steps: int, min_acc: float):
+    """Full-batch Adam in float32 (faster) in train mode; returned in float64 eval mode."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(250):
+    model.train()
+    for _ in range(steps):
         loss = F.cross_entropy(model(x.float()), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     model = model.double().eval()
     acc = float((model(x).argmax(1) == y).double().mean())
-    assert acc > 0.9, f"training failed to fit: accuracy {acc:.2f}"
-    return model, init, x, y
+    assert acc > min_acc, f"training failed to fit: accuracy {acc:.2f}"
+    return model
 
 
 def test_rescaling_preserves_the_function_and_refuses_otherwise(trained):
@@ -113,17 +118,7 @@ def trained_bn():
                          "image_size": [8, 8], "width": 8, "depth": 3, "batchnorm": True})
     init = copy.deepcopy(model).double().eval()
     x, y = digits(300)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(120):
-        loss = F.cross_entropy(model(x.float()), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model = model.double().eval()
-    acc = float((model(x).argmax(1) == y).double().mean())
-    assert acc > 0.8, f"training failed to fit: accuracy {acc:.2f}"
-    return model, init, x, y
+    return _fit(model, x, y, steps=120, min_acc=0.8), init, x, y
 
 
 def test_batchnorm_rescaling_leaves_every_invariant_measure_unchanged(trained_bn):
