@@ -184,6 +184,12 @@ def test_figures_are_real_images(study, figure):
     pdf = png.with_suffix(".pdf")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 2_000
+    caption = png.with_suffix(".caption.rst")  # a declared output of the study figures
+    if figure.startswith(("tiny/", "broken/")):
+        text = caption.read_text()
+        assert text.strip()
+        if figure.endswith("false_friend"):
+            assert "with weight decay" in text  # computed from the runs
 
 
 def test_validation_tables(study):

@@ -125,6 +125,9 @@ rule figure:
             subcategory="figures",
         ),
         pdf="results/figures/{study}/{figure}.pdf",
+        # what the report says under the figure; computed from the runs where the figure
+        # states a finding (false_friend), else the figure's fixed caption
+        caption="results/figures/{study}/{figure}.caption.rst",
     log:
         "results/logs/figure/{study}/{figure}.log",
     benchmark:

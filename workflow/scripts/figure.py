@@ -6,6 +6,7 @@ training records) it reads.
 
 from pathlib import Path
 
+from convflat.io import atomic_write_text
 from convflat.workflow import FIGURES, snakemake_from_argv, start
 
 
@@ -16,6 +17,9 @@ def main(snakemake):
               for name, path in snakemake.input.items()}  # a list: every run's train.json
     out = Path(snakemake.output.png).with_suffix("")
     paths = figure.draw(inputs, out, snakemake.params.analysis)
+    caption = Path(snakemake.output.get("caption", out.with_suffix(".caption.rst")))
+    if "caption" in snakemake.output.keys() and not caption.is_file():
+        atomic_write_text(caption, figure.caption + "\n")  # a figure without a computed one
     log.info("wrote %s", [str(p) for p in paths])
 
 
