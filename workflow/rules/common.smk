@@ -74,7 +74,9 @@ def validated_plan(config):
     try:
         # a job that re-reads the Snakefile (on a SLURM node, or in a subprocess) runs a config
         # the main process already checked in depth; skip the checks that import torch there
-        check_config(config, deep=not (workflow.remote_exec or workflow.subprocess_exec))
+        check_config(
+            config, deep=not (workflow.remote_exec or workflow.subprocess_exec)
+        )
         runs = expand_studies(config)
         if config["validation"]["enabled"]:
             validation_run(config, runs)
