@@ -342,6 +342,12 @@ def spec_for(spec: dict[str, Any], prepared: Prepared) -> dict[str, Any]:
     return normalize_spec(spec)
 
 
+def run_hash_of(identity: dict[str, Any]) -> str:
+    """train.json's ``run_hash``: 16 hex digits of the SHA-256 of :func:`run_identity` as
+    sorted-key JSON."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_identity(spec: dict[str, Any], cfg: TrainConfig, prepared: Prepared) -> dict[str, Any]:
     """What makes two runs the same run: the spec, the result-relevant hyperparameters and
     the data. A checkpoint is resumed only if this matches; its hash is ``run_hash``."""
@@ -406,7 +412,7 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
     amp = cfg.amp and device.type == "cuda"
     channels_last = cfg.channels_last
     identity = run_identity(spec, cfg, prepared)
-    run_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    run_hash = run_hash_of(identity)
     ckpt_path = out_dir / CHECKPOINT_FILE
     for name in (MODEL_FILE, INIT_FILE, CHECKPOINT_FILE, RECORD_FILE):
         for stale in out_dir.glob(f".{name}.*.tmp"):  # left by a job killed mid-write

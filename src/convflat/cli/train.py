@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import sys
@@ -256,7 +255,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from convflat.models import check_head
-    from convflat.train import run_identity, spec_for, train
+    from convflat.train import run_hash_of, run_identity, spec_for, train
 
     level = args.log_level or ("WARNING" if sys.stderr.isatty() else "INFO")
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
@@ -275,7 +274,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise CLIError(f"{exc}; `convflat curvature` would refuse this model "
                            "(--no-check-head trains it anyway)") from exc
     identity = run_identity(full_spec, cfg.resolve(prepared), prepared)
-    run_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    run_hash = run_hash_of(identity)
     state, why = _existing_run(out, identity, run_hash)
     if state != "none" and args.overwrite:
         removed = _clear(out)
