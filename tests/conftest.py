@@ -22,3 +22,11 @@ def one_thread():
     assert torch.get_num_threads() == 1, "a test changed torch's thread count"
     yield
     assert torch.get_num_threads() == 1, "this test changed torch's thread count"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """scikit-learn's digits, prepared (convflat.data.prepare) once per test module."""
+    from convflat.data import load_prepared, prepare
+
+    return load_prepared(prepare("sklearn-digits", root=tmp_path_factory.mktemp("data")))

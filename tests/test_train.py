@@ -24,11 +24,6 @@ FAST = TrainConfig(epochs=3, batch_size=64, lr=0.1, device="cpu")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return load_prepared(prepare("sklearn-digits", root=tmp_path_factory.mktemp("data")))
-
-
 def _weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 

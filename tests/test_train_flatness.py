@@ -14,7 +14,6 @@ import torch
 from convflat import train as cftrain
 from convflat.analysis.runs import build_runs_table
 from convflat.curvature import exact_curvature
-from convflat.data import load_prepared, prepare
 from convflat.models import build_model, load_checkpoint
 from convflat.train import TrainConfig, train
 
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {"family": "gapcnn", "width": 8, "depth": 3}
 FAST = TrainConfig(epochs=3, batch_size=64, lr=0.1, device="cpu", track_flatness=0)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return load_prepared(prepare("sklearn-digits", root=tmp_path_factory.mktemp("data")))
 
 
 def _weights(path):
