@@ -13,14 +13,6 @@ from convflat.models import build_model, save_checkpoint
 from convflat.reference import autograd_kernel_hessian
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from convflat.data import load_prepared, prepare
-
-    root = tmp_path_factory.mktemp("data")
-    return load_prepared(prepare("sklearn-digits", root=root, download=False))
-
-
 @pytest.fixture()
 def ckpt(tmp_path):
     torch.manual_seed(0)

@@ -12,13 +12,6 @@ import torch
 from convflat import data
 from convflat.data import DATA_FORMAT, load_prepared, prepare
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return load_prepared(prepare("sklearn-digits", root=root))
-
-
 # ---- sklearn digits --------------------------------------------------------------------------
 
 
