@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fitting import fit_full_batch
 from torch import nn
 
 from convflat.measures import MEASURES
@@ -39,17 +40,8 @@ def gapcnn(batchnorm: bool) -> nn.Module:
 
 
 def train(model: nn.Module, x, y, steps: int = 120) -> nn.Module:
-    """Adam in float32 (train mode: BatchNorm learns running statistics), returned in
-    float64 eval mode."""
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x.float()), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.double().eval()
+    """Seeded full-batch Adam; returned in float64 eval mode."""
+    return fit_full_batch(model, x, y, steps=steps, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from fitting import fit_full_batch
 from torch import nn
 
 from convflat.measures import MEASURES, invariance_table, rescale_filters
@@ -58,22 +58,7 @@ def trained():
     )
     init = copy.deepcopy(model).double()
     x, y = digits()
-    return _fit(model, x, y, steps=250, min_acc=0.9), init, x, y
-
-
-def _fit(model, x, y, *, steps: int, min_acc: float):
-    """Full-batch Adam in float32 (faster) in train mode; returned in float64 eval mode."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x.float()), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model = model.double().eval()
-    acc = float((model(x).argmax(1) == y).double().mean())
-    assert acc > min_acc, f"training failed to fit: accuracy {acc:.2f}"
-    return model
+    return fit_full_batch(model, x, y, steps=250, min_acc=0.9), init, x, y
 
 
 def test_rescaling_preserves_the_function_and_refuses_otherwise(trained):
@@ -118,7 +103,7 @@ def trained_bn():
                          "image_size": [8, 8], "width": 8, "depth": 3, "batchnorm": True})
     init = copy.deepcopy(model).double().eval()
     x, y = digits(300)
-    return _fit(model, x, y, steps=120, min_acc=0.8), init, x, y
+    return fit_full_batch(model, x, y, steps=120, min_acc=0.8), init, x, y
 
 
 def test_batchnorm_rescaling_leaves_every_invariant_measure_unchanged(trained_bn):
