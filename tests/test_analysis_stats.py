@@ -92,7 +92,16 @@ def test_correlation_table_matches_scipy_per_cell():
             assert table.loc[m, f"{t}.n"] == len(runs)
     assert table.loc["conv_trace", "loss_gap.tau"] == pytest.approx(1.0)
     assert table.loc["conv_trace", "ours"] and not table.loc["random", "ours"]
-    assert list(table.index) == ["conv_trace", "random"]
+    # the measures, then a control per varying numeric grid axis (the seed is not one)
+    assert list(table.index) == ["conv_trace", "random", "control:a", "control:b", "control:c"]
+    assert list(table["kind"]) == ["ours", "baseline", "control", "control", "control"]
+    for axis in ("a", "b", "c"):
+        for t in ("loss_gap", "test_error"):
+            ref = scipy.stats.kendalltau(runs[f"hp_{axis}"], runs[t])[0]
+            assert table.loc[f"control:{axis}", f"{t}.tau"] == pytest.approx(ref)
+        assert np.isnan(table.loc[f"control:{axis}", "loss_gap.psi"])  # +-1 by construction
+    assert list(correlation_table(runs, n_boot=10, controls=False).index) == [
+        "conv_trace", "random"]
     assert (table["n_runs"] == len(runs)).all() and (table["n_excluded"] == 0).all()
 
 

@@ -9,8 +9,9 @@ per trained run. Columns are recognised by name:
   mutual information, following Jiang et al. (2020), whose hyperparameter space has no seed.
 * ``m_<name>``: a measure. ``m_conv_trace`` and ``m_conv_relative_flatness`` are ours
   (arXiv 2603.09016); every other measure is a baseline.
-* ``status`` (``ok`` / ``diverged`` / ``failed``) and ``converged`` (reached the stopping
-  criterion): a run is usable only when both say so.
+* ``status`` (``ok`` / ``diverged`` / ``failed``), ``converged`` (reached the stopping
+  criterion), ``train_loss`` and ``initial_loss``: a run is usable only when its training
+  ended sane and converged (:mod:`convflat.usable`, the one definition).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from convflat.io import METRICS, atomic_write_text
+from convflat.usable import CATEGORIES, unusable_category
 
 MEASURE_PREFIX = "m_"
 AXIS_PREFIX = "hp_"
@@ -142,28 +144,33 @@ class RunSelection:
 
 
 def select_runs(runs: pd.DataFrame, *, require_converged: bool = True) -> RunSelection:
-    """Keep the runs with ``status == "ok"`` and (if ``require_converged``) ``converged``.
+    """Keep the usable runs: the rule of :mod:`convflat.usable` (status ``ok``, a finite
+    stopped training loss below the initial loss, and, if ``require_converged``,
+    ``converged``).
 
-    Every left-out run is counted under its reason; a run with a bad status is counted under
-    its status only, not also as not converged. Raises a ValueError naming ``status`` or
-    ``converged`` when the column is missing or unparseable.
+    Every left-out run is counted under the first rule it breaks
+    (:func:`convflat.usable.unusable_category`); a run with a bad status is counted under
+    its status only. Raises a ValueError naming ``status`` or ``converged`` when the column
+    is missing or unparseable.
     """
     if not isinstance(runs, pd.DataFrame):
         raise TypeError(f"runs must be a pandas DataFrame, got {type(runs).__name__}")
     need = ["status"] + (["converged"] if require_converged else [])
     require_columns(runs, need)
-    status = runs["status"].astype("string").fillna("<missing>").str.strip().to_numpy()
-    ok = status == "ok"
-    excluded: dict[str, int] = {}
-    for s in sorted(set(status[~ok].tolist())):
-        excluded[f"status={s}"] = int((status == s).sum())
-    keep = ok
     if require_converged:
-        conv = _as_bool(runs["converged"], "converged")
-        n_nc = int((ok & ~conv).sum())
-        if n_nc:
-            excluded["not converged"] = n_nc
-        keep = ok & conv
+        _as_bool(runs["converged"], "converged")  # raises on a value that is not boolean
+    for col in ("train_loss", "initial_loss"):
+        if col in runs.columns:
+            numeric_column(runs, col)  # raises naming the column
+    records = runs.to_dict("records")
+    reasons = [unusable_category(r, require_converged=require_converged) for r in records]
+    excluded: dict[str, int] = {}
+    for reason in reasons:
+        if reason is not None:
+            excluded[reason] = excluded.get(reason, 0) + 1
+    order = {c: k for k, c in enumerate(CATEGORIES)}
+    excluded = dict(sorted(excluded.items(), key=lambda kv: (order.get(kv[0], -1), kv[0])))
+    keep = np.array([r is None for r in reasons], dtype=bool)
     return RunSelection(runs=runs.loc[keep].reset_index(drop=True), n_total=len(runs),
                         excluded=excluded)
 
@@ -188,7 +195,10 @@ def build_runs_table(study: str, run_ids: Sequence[str], hps: Mapping[str, Mappi
     status ok), ``hp_<axis>``, the metrics (:data:`convflat.io.METRICS`), ``m_<measure>``
     for every measure any run asked for (in the order of the first run that has it; NaN
     for a measure that failed or was skipped), then ``epochs_run``, ``stop_reason``,
-    ``lr_at_stop`` (the learning rate of the last step), ``train_seconds``,
+    ``lr_at_stop`` (the learning rate of the last step), ``loss_target`` (the training-loss
+    target, ``train.stop_loss``; empty when the study has none), ``initial_loss`` (the
+    training loss before the first step) and ``n_params`` (trainable parameters), both
+    empty for records that predate them, ``train_seconds``,
     ``measure_seconds``, ``failed_measures`` (``;``-separated) and
     ``error`` (why a run is not ok).
     """
@@ -207,13 +217,18 @@ def build_runs_table(study: str, run_ids: Sequence[str], hps: Mapping[str, Mappi
         row.update({k: rec.get(k) for k in METRICS})
         values = mea.get("values") or {}
         row.update({f"{MEASURE_PREFIX}{name}": values.get(name) for name in names})
+        stopping = rec.get("stopping") or {}
         row.update({"epochs_run": rec.get("epochs_run"), "stop_reason": rec.get("stop_reason"),
-                    "lr_at_stop": rec.get("lr_at_stop"), "train_seconds": rec.get("seconds"),
+                    "lr_at_stop": rec.get("lr_at_stop"),
+                    "loss_target": stopping.get("target"),
+                    "initial_loss": rec.get("initial_loss"), "n_params": rec.get("n_params"),
+                    "train_seconds": rec.get("seconds"),
                     "measure_seconds": mea.get("seconds"),
                     "failed_measures": ";".join(mea.get("failed") or []), "error": error})
         rows.append(row)
     runs = pd.DataFrame(rows)
-    for col in [c for c in runs.columns if c.startswith(MEASURE_PREFIX)] + list(METRICS):
+    numeric = [*METRICS, "loss_target", "initial_loss", "n_params"]
+    for col in [c for c in runs.columns if c.startswith(MEASURE_PREFIX)] + numeric:
         runs[col] = pd.to_numeric(runs[col], errors="coerce")
     return runs
 

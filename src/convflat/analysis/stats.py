@@ -31,6 +31,13 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from convflat.analysis.controls import (
+    CONTROL_PREFIX,
+    add_controls,
+    control_columns,
+    control_label,
+    is_control,
+)
 from convflat.analysis.runs import (
     AXIS_PREFIX,
     DEFAULT_TARGETS,
@@ -486,15 +493,22 @@ def correlation_table(
     runs: pd.DataFrame, *, targets: Sequence[str] = DEFAULT_TARGETS,
     measures: Sequence[str] | None = None, n_boot: int = 1000, level: float = 0.95,
     seed: int = 0, variant: str = "b", require_converged: bool = True,
-    max_set_size: int = 2, cmi: bool = True,
+    max_set_size: int = 2, cmi: bool = True, controls: bool = True,
 ) -> pd.DataFrame:
     r"""Every statistic of every measure against every target, one row per measure.
+
+    With ``controls`` (and ``measures`` left at None), the controls of
+    :func:`~convflat.analysis.controls.add_controls` (stopped training loss, epochs,
+    parameter count, numeric grid hyperparameters) follow the measures as rows
+    ``control:<name>``; a grid hyperparameter's Psi is left NaN (on its own axis it is
+    +-1 by construction, on the others undefined).
 
     Runs whose ``status`` is not ``ok`` or (``require_converged``) that did not converge are
     left out first (:func:`~convflat.analysis.runs.select_runs`); then, per measure and
     target, the runs whose value is missing or non-finite.
 
-    Index: the measure name without ``m_`` (name ``measure``). Columns: ``ours`` (bool);
+    Index: the measure name without ``m_`` (name ``measure``). Columns: ``ours`` (bool),
+    ``kind`` (``ours`` / ``baseline`` / ``control``);
     for each target ``t``: ``t.tau`` (tau_b, or tau_a with ``variant="a"``), ``t.tau_lo``,
     ``t.tau_hi`` (percentile bootstrap over runs, ``n_boot`` resamples, seeded with ``seed``
     and shared by all measures), ``t.spearman``, ``t.pearson``, ``t.psi``, ``t.psi_lo``,
@@ -515,6 +529,9 @@ def correlation_table(
         measures = measure_columns(runs)
         if not measures:
             raise ValueError("runs table has no measure column (names start with 'm_')")
+        if controls:
+            runs = add_controls(runs)
+            measures += control_columns(runs)
     else:
         measures = list(measures)
         require_columns(runs, measures)
@@ -529,12 +546,16 @@ def correlation_table(
     groups = axis_groups(use, axes)
     rows = []
     for m in measures:
-        row: dict[str, object] = {"measure": short_name(m), "ours": is_ours(m)}
+        control = is_control(m)
+        row: dict[str, object] = {
+            "measure": control_label(m) if control else short_name(m), "ours": is_ours(m),
+            "kind": "control" if control else "ours" if is_ours(m) else "baseline"}
         mu = numeric_column(use, m)
         for t in targets:
             row.update(_one_pair(use, m, t, mu, numeric_column(use, t), axes, cond, groups,
                                  n_boot=n_boot, level=level, seed=seed, variant=variant,
-                                 max_set_size=max_set_size, cmi=cmi))
+                                 max_set_size=max_set_size, cmi=cmi,
+                                 psi=not m.startswith(CONTROL_PREFIX + AXIS_PREFIX)))
         row["n_runs"], row["n_excluded"] = selection.n_runs, selection.n_excluded
         # How the CIs were made, in the table itself so that its CSV keeps them.
         row.update(n_boot=n_boot, level=level, seed=seed, variant=variant)
@@ -550,7 +571,7 @@ def correlation_table(
 
 
 def _one_pair(use, m, t, mu, g, axes, cond, groups, *, n_boot, level, seed, variant,
-              max_set_size, cmi) -> dict[str, object]:
+              max_set_size, cmi, psi=True) -> dict[str, object]:
     """The statistics of measure column ``m`` against target column ``t`` (prefixed ``t.``)."""
     keep = np.isfinite(mu) & np.isfinite(g)
     x, y = mu[keep], g[keep]
@@ -571,8 +592,12 @@ def _one_pair(use, m, t, mu, g, axes, cond, groups, *, n_boot, level, seed, vari
     ci = bootstrap_kendall(x, y, n_boot=n_boot, level=level, seed=seed, variant=variant)
     if np.isfinite(tau) and not np.isfinite(ci.lo):
         notes.append(f"tau CI: only {ci.n_valid} of {n_boot} resamples defined")
-    psi = granulated_kendall(use, m, t, variant=variant, n_boot=n_boot, level=level,
-                             seed=seed, groups=groups)
+    if psi:
+        psi = granulated_kendall(use, m, t, variant=variant, n_boot=n_boot, level=level,
+                                 seed=seed, groups=groups)
+    else:
+        nan = float("nan")
+        psi = PsiResult(nan, nan, nan, {}, {}, "psi: a grid hyperparameter, not defined")
     if psi.note and not degenerate:
         notes.append(psi.note)
     out: dict[str, object] = {
@@ -726,6 +751,8 @@ class ConvergenceSummary:
     ``loss_max`` of ``loss_column``, ``loss_ratio`` = max / min, ``within_factor`` =
     ``loss_ratio <= max_loss_ratio``; ``lr_min`` / ``lr_max`` of ``lr_column`` (None when
     the table has no such column). ``warnings`` are the failed checks in words.
+    ``has_target``: whether the study trains to a training-loss target (``loss_target``);
+    without one the summary never says that runs "reached the target".
     """
 
     n_total: int
@@ -743,11 +770,17 @@ class ConvergenceSummary:
     lr_min: float | None
     lr_max: float | None
     warnings: tuple[str, ...] = ()
+    has_target: bool = True
 
     def markdown(self) -> str:
         """A Markdown fragment: one line of figures, then each warning in bold."""
-        text = (f"Convergence: {self.n_converged} of {self.n_total} runs "
-                f"({self.share:.0%}) reached the training-loss target")
+        if self.has_target:
+            text = (f"Convergence: {self.n_converged} of {self.n_total} runs "
+                    f"({self.share:.0%}) reached the training-loss target")
+        else:
+            text = (f"No training-loss target: this study sets no `train.stop_loss`, so its "
+                    f"nets are compared at unmatched training losses; {self.n_converged} of "
+                    f"{self.n_total} runs ({self.share:.0%}) ended sane and are used")
         if self.excluded:
             text += " (excluded: " + "; ".join(f"{k}: {v}" for k, v in
                                                self.excluded.items()) + ")"
@@ -792,9 +825,11 @@ def convergence_summary(
     n_total, n_conv = len(runs), sel.n_runs
     share = n_conv / n_total
     warn = []
+    has_target = _has_loss_target(runs)
     if share < min_share:
-        warn.append(f"only {n_conv} of {n_total} runs ({share:.0%}) reached the training-loss "
-                    f"target, under {min_share:.0%}")
+        warn.append(f"only {n_conv} of {n_total} runs ({share:.0%}) "
+                    + ("reached the training-loss target" if has_target else "are usable")
+                    + f", under {min_share:.0%}")
     loss = numeric_column(sel.runs, loss_column)
     loss = loss[np.isfinite(loss)]
     if loss.size:
@@ -808,6 +843,9 @@ def convergence_summary(
         warn.append(f"the stopped {loss_column} of the included runs spans {lo:.3g}-{hi:.3g}, "
                     f"a factor {ratio:.3g} > {max_loss_ratio:g}: the nets are not compared at "
                     "a matched training loss")
+    if not has_target:
+        warn.append("the study has no training-loss target: differences in the measures may "
+                    "only restate how far each net trained")
     lr_col: str | None = lr_column if lr_column in runs.columns else None
     lr_min = lr_max = None
     if lr_col is not None:
@@ -817,4 +855,13 @@ def convergence_summary(
             lr_min, lr_max = float(lr.min()), float(lr.max())
     return ConvergenceSummary(n_total, n_conv, share, dict(sel.excluded), loss_column, lo, hi,
                               ratio, within, max_loss_ratio, min_share, lr_col, lr_min, lr_max,
-                              tuple(warn))
+                              tuple(warn), has_target)
+
+
+def _has_loss_target(runs: pd.DataFrame) -> bool:
+    """Whether the runs trained to a training-loss target: the ``loss_target`` column has a
+    finite value (a table without the column, written before it existed, is assumed to)."""
+    if "loss_target" not in runs.columns:
+        return True
+    return bool(np.isfinite(pd.to_numeric(runs["loss_target"], errors="coerce")
+                            .to_numpy(float)).any())
