@@ -35,6 +35,8 @@ rule overview_notebook:
             "description": STUDIES[wildcards.study]["description"],
             "targets": config["analysis"]["targets"],
             "require_converged": config["analysis"]["require_converged"],
+            "min_runs": config["analysis"]["min_runs"],
+            "sign_error_noise_z": config["analysis"]["sign_error_noise_z"],
         },
         timeout=config["notebooks"]["timeout"],
         version=code_version("notebook"),

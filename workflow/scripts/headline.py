@@ -12,7 +12,9 @@ def main(snakemake):
               f"analysis code {snakemake.params.version}.")
     path = write_headline(snakemake.input.correlation, snakemake.input.runs, snakemake.output.md,
                           targets=targets, title=snakemake.wildcards.study,
-                          require_converged=analysis["require_converged"], footer=footer)
+                          require_converged=analysis["require_converged"],
+                          min_runs=analysis["min_runs"],
+                          noise_z=analysis["sign_error_noise_z"], footer=footer)
     log.info("wrote %s", path)
 
 

@@ -28,6 +28,7 @@ from convflat.analysis.figures import (
     plot_hutchinson_convergence,
     plot_measure_vs_gap,
     plot_psi_heatmap,
+    plot_sign_error,
     plot_tau_psi,
 )
 from convflat.analysis.headline import (
@@ -130,7 +131,7 @@ __all__ = [
     "plot_flatness_over_training",
     "plot_hutchinson_convergence",
     "plot_measure_vs_gap",
-    "plot_psi_heatmap",
+    "plot_psi_heatmap", "plot_sign_error",
     "plot_tau_psi",
     "read_correlation_table",
     "read_runs",

@@ -30,6 +30,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from convflat.analysis.controls import is_control
 from convflat.analysis.runs import (
     axis_columns,
     is_ours,
@@ -53,6 +54,7 @@ __all__ = [
     "plot_hutchinson_convergence",
     "plot_measure_vs_gap",
     "plot_psi_heatmap",
+    "plot_sign_error",
     "plot_tau_psi",
 ]
 
@@ -375,6 +377,45 @@ def plot_psi_heatmap(
             for lab in ax.get_xticklabels():
                 lab.set_horizontalalignment("right")
                 lab.set_rotation_mode("anchor")
+            if k == 0:
+                _bold_ours_ticks(ax.get_yticklabels())
+        return _save(fig, out, dpi)
+
+
+def plot_sign_error(
+    tables: Mapping[str, pd.DataFrame], out: str | os.PathLike, *, dpi: int = 300,
+) -> list[Path]:
+    """Heatmap of the sign error (Dziugaite et al. 2020) of each measure (rows) per
+    hyperparameter family (columns, with the number of pairs) and its mean, one panel per
+    target; 0 = every pair ordered as the target orders it, 0.5 = a coin flip, 1 = every
+    pair the wrong way. ``tables``: target -> :func:`~convflat.analysis.robustness.
+    sign_error_table` (its index the row labels). NaN cells (no pair) stay grey."""
+    if not tables:
+        raise ValueError("plot_sign_error needs at least one target's sign-error table")
+    with _style():
+        mats = {}
+        for t, se in tables.items():
+            fams = [c for c in se.columns if not str(c).startswith("pairs[")
+                    and c not in ("mean", "worst", "worst_family")]
+            mat = se[[*fams, "mean"]].astype(float)
+            mat.columns = [f"{f}\n({int(se[f'pairs[{f}]'].max())})" for f in fams] + ["mean"]
+            mat.index = [m if is_control(m) else _label("m_" + str(m)) for m in se.index]
+            mats[t] = mat
+        rows = max(len(m) for m in mats.values())
+        width = sum(0.55 * m.shape[1] + 1.8 for m in mats.values()) + 0.6
+        fig = Figure(figsize=(max(3.5, width), 0.28 * rows + 1.4), layout="constrained")
+        axs = np.atleast_1d(fig.subplots(1, len(mats), squeeze=False).ravel())
+        for k, (ax, (t, mat)) in enumerate(zip(axs, mats.items(), strict=True)):
+            ax.set_facecolor("0.93")
+            with warnings.catch_warnings():  # seaborn 0.13 calls Colormap.set_bad
+                warnings.simplefilter("ignore", PendingDeprecationWarning)
+                sns.heatmap(mat, ax=ax, vmin=0, vmax=1, cmap="rocket_r",
+                            annot=mat.map(lambda v: "" if not np.isfinite(v) else f"{v:.2f}"),
+                            fmt="", annot_kws={"size": 6}, linewidths=0.5, linecolor="white",
+                            cbar=k == len(mats) - 1, yticklabels=k == 0,
+                            cbar_kws={"label": "sign error", "shrink": 0.8})
+            ax.grid(False)
+            ax.set_title(f"{t}: sign error per family (pairs)")
             if k == 0:
                 _bold_ours_ticks(ax.get_yticklabels())
         return _save(fig, out, dpi)
