@@ -26,6 +26,7 @@ import matplotlib as mpl
 import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
+import scipy.stats
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -560,6 +561,10 @@ def plot_false_friend(
             if _wants_log(d[col].to_numpy()):
                 ax.set_yscale("log")
             _tidy_log_ticks(ax)
+            levels = np.unique(xs)  # every swept value labelled, no other tick
+            ax.xaxis.set_major_locator(mticker.FixedLocator(levels))
+            ax.xaxis.set_minor_locator(mticker.NullLocator())
+            ax.set_xticklabels([_value_label(v) for v in levels], rotation=45, ha="right")
             ax.set_xlabel(short_name(axis))
             ax.set_ylabel(short_name(col))
         note = f"mean ± sd; {sel.summary()}"
@@ -581,58 +586,99 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f} %"
 
 
+def _welch(a: np.ndarray, b: np.ndarray, level: float) -> tuple[float, float, float]:
+    """mean(a) - mean(b) with its Welch t interval (unequal variances), NaN ends when a
+    side has fewer than 2 runs or both have no spread."""
+    diff = float(np.mean(a) - np.mean(b))
+    if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+        return diff, float("nan"), float("nan")
+    ci = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return diff, float(ci.low), float(ci.high)
+
+
+def _direction(lo: float, hi: float) -> int:
+    """+1 / -1 when the interval lies above / below 0, 0 when it contains 0 or is NaN."""
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def _ff_levels(runs: pd.DataFrame, axis: str, col: str) -> tuple[np.ndarray, np.ndarray]:
+    """The finite ``col`` values at the smallest and at the largest value of ``axis``."""
+    x, y = numeric_column(runs, axis), numeric_column(runs, col)
+    ok = np.isfinite(x) & np.isfinite(y)
+    lo, hi = np.min(x[ok]), np.max(x[ok])
+    return y[ok & (x == lo)], y[ok & (x == hi)]
+
+
+def _ff_epochs(use: pd.DataFrame, axis: str, lo_wd: float, hi_wd: float) -> str:
+    if "epochs_run" not in use.columns:
+        return ""
+    lo, hi = _ff_levels(use, axis, "epochs_run")
+    if not (lo.size and hi.size):
+        return ""
+    text = (f"Training length is confounded with weight decay: the nets at {hi_wd:g} trained "
+            f"{hi.min():.0f}-{hi.max():.0f} epochs, those at {lo_wd:g} {lo.min():.0f}-"
+            f"{lo.max():.0f}")
+    return text + (", so the effect is of weight decay and of longer training together."
+                   if hi.min() > 2 * lo.max() or lo.min() > 2 * hi.max() else ".")
+
+
+def _ff_measure(use: pd.DataFrame, axis: str, col: str, err_dir: int, level: float) -> str:
+    lo, hi = _ff_levels(use, axis, col)
+    name = _FALSE_FRIEND_NAMES[col]
+    name = name[0].upper() + name[1:]
+    if lo.size == 0 or hi.size == 0:
+        return f"{name}: no finite value at one end of the sweep."
+    diff, a, b = _welch(hi, lo, level)
+    moved = _direction(a, b)
+    ci = (f"{level:.0%} CI [{a:+.3g}, {b:+.3g}]" if np.isfinite(a)
+          else "no spread across seeds, no interval")
+    text = f"{name} goes from {np.mean(lo):.3g} to {np.mean(hi):.3g} (difference {diff:+.3g}, {ci})"
+    if moved == 0:
+        return text + ": no change beyond seed noise."
+    if err_dir == 0:
+        return text + "."
+    sharper = moved > 0  # the nets at the large weight decay measure sharper
+    better = err_dir < 0  # the nets at the large weight decay generalize better
+    if sharper == better:
+        return text + ": it calls the better-generalizing nets sharper."
+    return text + ": it calls the better-generalizing nets flatter."
+
+
 def false_friend_caption(runs: pd.DataFrame, *, axis: str = "hp_weight_decay",
-                         require_converged: bool = True) -> str:
-    """What the false-friend figure shows, in words computed from its runs (the usable
-    ones, as :func:`plot_false_friend` draws them): whether the mean test error rises or
-    falls from the smallest to the largest weight decay (and Kendall's tau between weight
-    decay and test error over the runs, which must agree in sign, else it is "no clear
-    trend"), then for each curvature measure of :data:`FALSE_FRIEND_COLUMNS` Kendall's tau
-    with test error over the runs and what that means: a negative tau calls the
-    better-generalizing nets (lower test error) sharper, a positive one flatter."""
+                         require_converged: bool = True, level: float = 0.95) -> str:
+    """What the false-friend figure shows, in words computed from its usable runs, with
+    the uncertainty across seeds: the mean test error at the smallest and at the largest
+    weight decay and their difference with a Welch t interval at ``level`` (when it
+    contains 0 the caption says the sweep cannot separate the effect from seed noise); the
+    epochs each end trained (weight decay that slows training confounds the comparison);
+    then for each curvature measure of :data:`FALSE_FRIEND_COLUMNS` the same difference and
+    whether it calls the better-generalizing nets sharper (a larger value is sharper for
+    every one of them, the relative flatness included: it is a sharpness)."""
     require_columns(runs, [axis, "test_error"])
     sel = _usable(runs, require_converged)
     use = sel.runs
     wd = numeric_column(use, axis)
-    err = numeric_column(use, "test_error")
-    ok = np.isfinite(wd) & np.isfinite(err)
-    if ok.sum() < 2 or len(np.unique(wd[ok])) < 2:
+    if np.isfinite(wd).sum() < 2 or len(np.unique(wd[np.isfinite(wd)])) < 2:
         return (f"Too few usable runs to say how test error moves with weight decay "
                 f"({sel.summary()}).")
-    means = pd.Series(err[ok]).groupby(wd[ok]).mean().sort_index()
-    lo_wd, hi_wd = means.index[0], means.index[-1]
-    tau_wd = kendall_tau(wd[ok], err[ok])
-    diff = means.iloc[-1] - means.iloc[0]
-    if diff > 0 and tau_wd > 0:
-        trend = "rises"
-    elif diff < 0 and tau_wd < 0:
-        trend = "falls"
-    else:
-        trend = "shows no clear trend"
-    text = [f"Test error {trend} with weight decay: {_pct(means.iloc[0])} at {lo_wd:g}, "
-            f"{_pct(means.iloc[-1])} at {hi_wd:g} (mean over runs; Kendall's tau between "
-            f"weight decay and test error {tau_wd:+.2f} over {int(ok.sum())} runs)."]
+    lo_wd, hi_wd = float(np.nanmin(wd)), float(np.nanmax(wd))
+    lo, hi = _ff_levels(use, axis, "test_error")
+    diff, a, b = _welch(hi, lo, level)
+    err_dir = _direction(a, b)
+    verb = {1: "raises", -1: "lowers", 0: "does not change beyond seed noise"}[err_dir]
+    text = [f"Weight decay {hi_wd:g} {verb} the test error: {_pct(np.mean(hi))} ({hi.size} "
+            f"runs) against {_pct(np.mean(lo))} at {lo_wd:g} ({lo.size} runs), a difference of "
+            f"{100 * diff:+.1f} points ("
+            + (f"{level:.0%} CI [{100 * a:+.1f}, {100 * b:+.1f}], Welch t interval across seeds)"
+               if np.isfinite(a) else "too few runs per end for an interval)")
+            + (": the sweep cannot separate the effect from seed noise." if err_dir == 0
+               else ".")]
+    text.append(_ff_epochs(use, axis, lo_wd, hi_wd))
     for col in FALSE_FRIEND_COLUMNS[1:]:
-        if col not in use.columns:
-            continue
-        m = numeric_column(use, col)
-        both = np.isfinite(m) & np.isfinite(err)
-        tau = kendall_tau(m[both], err[both]) if both.sum() >= 2 else float("nan")
-        name = _FALSE_FRIEND_NAMES[col]
-        if not np.isfinite(tau):
-            text.append(f"For {name} the tau with test error is undefined.")
-        elif tau < 0:
-            text.append(f"{name[0].upper() + name[1:]} calls the better-generalizing nets "
-                        f"sharper (Kendall's tau with test error {tau:+.2f}).")
-        elif tau > 0:
-            text.append(f"{name[0].upper() + name[1:]} does not call the better-generalizing "
-                        f"nets sharper: it ranks them flatter (Kendall's tau with test error "
-                        f"{tau:+.2f}).")
-        else:
-            text.append(f"{name[0].upper() + name[1:]} does not order the nets by test error "
-                        "(Kendall's tau 0).")
+        if col in use.columns:
+            text.append(_ff_measure(use, axis, col, err_dir, level))
     text.append(f"{sel.summary()}.")
-    return " ".join(text)
+    return " ".join(t for t in text if t)
 
 
 # ------------------------------------------------------------ flatness over training
