@@ -104,10 +104,14 @@ def test_markdown_and_latex_mark_the_best_and_report_exclusions(study):
     md = (root / "tables" / "toy" / "correlation.md").read_text()
     tex = (root / "tables" / "toy" / "correlation.tex").read_text()
     table = read_correlation_table(root / "tables" / "toy" / "correlation.csv")
-    best = table["loss_gap.spearman"].idxmax()
+    measures = table[table["kind"] != "control"]
+    best = measures["loss_gap.spearman"].idxmax()
     best_text = f"**{table.loc[best, 'loss_gap.spearman']:.2f}**"
     row = next(line for line in md.splitlines() if line.startswith(f"| {best}"))
     assert best_text in row
+    # a control is never marked best, even where it ranks the runs better
+    controls = [line for line in md.splitlines() if line.startswith("| control:")]
+    assert controls and not any("**" in line for line in controls)
     assert "16 runs used, 2 excluded" in md and "status=diverged: 1" in md
     assert "not converged: 1" in md and "(ours)" in md
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from convflat.analysis.controls import is_control
 from convflat.analysis.runs import (
     OURS,
     axis_columns,
@@ -52,7 +53,10 @@ _LEGEND = (
     "Ψ: granulated Kendall coefficient (Jiang et al. 2020) with a bootstrap CI over groups; "
     "ψ(axis): its value per hyperparameter axis; CMI: conditional mutual information of the "
     "orderings, minimum over conditioning sets of at most 2 axes (Jiang et al. 2020; PGDL). "
-    "Positive values: the measure grows with the target. Best value of each column in bold."
+    "Positive values: the measure grows with the target. Best value of each column among the "
+    "measures in bold. Rows control:<name> rank the runs by what is known without any "
+    "measure (the stopped training loss, the epochs, the parameter count, a grid "
+    "hyperparameter); a measure worth having beats them."
 )
 
 
@@ -106,6 +110,12 @@ def _best_mask(values: Sequence[float], digits: int) -> list[bool]:
         return [False] * len(vals)
     best = round(float(np.nanmax(vals)), digits)
     return [bool(np.isfinite(v) and round(float(v), digits) == best) for v in vals]
+
+
+def _measures_only(table: pd.DataFrame, values: np.ndarray) -> np.ndarray:
+    """``values`` with the control rows blanked: a control is never marked best."""
+    control = np.array([is_control(m) for m in table.index], dtype=bool)
+    return np.where(control, np.nan, np.asarray(values, dtype=np.float64))
 
 
 def table_targets(table: pd.DataFrame) -> list[str]:
@@ -275,7 +285,7 @@ def correlation_markdown(table: pd.DataFrame, *, stats: Sequence[str] | None = N
         head = ["measure"] + [_MD_HEAD.get(k, f"ψ({h})") for k, h, _, _ in cols]
         out += [f"## {t}", "", "| " + " | ".join(head) + " |",
                 "|" + "|".join([":---"] + ["---:"] * len(cols)) + "|"]
-        best = [_best_mask(v, digits) for _, _, v, _ in cols]
+        best = [_best_mask(_measures_only(table, v), digits) for _, _, v, _ in cols]
         for r, measure in enumerate(table.index):
             name = _md_escape(measure) + (" (ours)" if _is_ours(table, measure) else "")
             row = [name]
@@ -313,7 +323,8 @@ def correlation_latex(table: pd.DataFrame, *, stats: Sequence[str] | None = None
         head += [_TEX_HEAD.get(k, rf"$\psi_{{\mathrm{{{_tex_escape(h)}}}}}$")
                  for k, h, _, _ in cols]
     lines += [" & ".join(head) + r" \\", r"\midrule"]
-    best = [[_best_mask(v, digits) for _, _, v, _ in cols] for cols in per_t]
+    best = [[_best_mask(_measures_only(table, v), digits) for _, _, v, _ in cols]
+            for cols in per_t]
     for r, measure in enumerate(table.index):
         row = [_tex_escape(measure) + (r"$^\dagger$" if _is_ours(table, measure) else "")]
         for cols, bmask in zip(per_t, best, strict=True):
