@@ -58,7 +58,7 @@ def test_quick_study_plan():
     assert run.data == {"label_noise": 0.2, "subset": 300}
     wd = runs["digits_wd"]
     assert list(wd) == [f"n~300/wd~{w}/seed~{s}" for w in ("0", "0.002", "0.004", "0.006")
-                        for s in (0, 1, 2)]
+                        for s in range(6)]
     assert wd["n~300/wd~0.006/seed~1"].spec == {"family": "gapcnn", "width": 16, "depth": 3,
                                                 "batchnorm": False}
     assert wd["n~300/wd~0.006/seed~1"].prepared == "digits-n300"  # shared with digits
