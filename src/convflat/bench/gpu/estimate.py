@@ -13,6 +13,20 @@ from typing import Any
 SCHEMA = Path("workflow") / "schemas" / "config.schema.yaml"
 
 
+def _reason(exc: BaseException) -> str:
+    """One line for the row: the schema's complaint with its key where the error carries one
+    (Snakemake's WorkflowError wraps jsonschema's ValidationError), else the error."""
+    import jsonschema
+
+    chain = [exc, exc.__cause__, exc.__context__, *exc.args]
+    err = next((e for e in chain if isinstance(e, jsonschema.ValidationError)), None)
+    if err is not None:
+        key = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+        return f"config key '{key}': {err.message}"[:200]
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def modelled_seconds(root: Path, config: dict[str, Any], device_kind: str
                      ) -> tuple[float | None, str]:
     """(seconds per run that the estimate models for ``config`` at the rates
@@ -27,8 +41,7 @@ def modelled_seconds(root: Path, config: dict[str, Any], device_kind: str
         validate(config, str(root / SCHEMA))  # fills the schema's defaults in place
         hours, n_runs = estimate_hours(config, device_kind)
     except Exception as exc:  # the row reports it; the job itself was judged already
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        return None, f"n/a: the estimate failed ({type(exc).__name__}: {msg})"
+        return None, f"n/a: the estimate failed ({_reason(exc)})"
     if n_runs == 0:
         return None, "n/a: the config has no run"
     return hours * 3600.0 / n_runs, ""
