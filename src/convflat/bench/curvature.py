@@ -19,6 +19,9 @@ less than the ratio of separately taken medians. Peak memory is the CUDA peak on
 growth of the process's max RSS on CPU. On CPU the header says how glibc's malloc was set
 (``MALLOC_MMAP_THRESHOLD_``), which moves the plain forward pass most, and the notes give the
 median minor page faults of one pass of (a) and of (b). Ratios are printed, never asserted.
+
+The protocol is :func:`time_exact` (on :mod:`convflat.bench.timing`), and (c) and (d) are
+:mod:`convflat.bench.oracles`; ``bench gpu``'s cost check calls the same functions.
 """
 
 from __future__ import annotations
