@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from convflat.bench import curvature as bench
+from convflat.bench import oracles
 from convflat.curvature import exact_curvature, find_head
 from convflat.models import build_model
 
@@ -29,8 +30,12 @@ def test_backpack_oracle_in_sub_batches_matches_the_closed_form():
     batches = list(zip(x.split(5), y.split(5), strict=True))
     exact = exact_curvature(model, (x, y), device="cpu").trace
     per_sample = 3 * head.conv.weight.numel() * 4  # K x C x d float32 entries
-    whole, sub_whole = bench._backpack_oracle(model, head, batches, 2**40)
-    split, sub_split = bench._backpack_oracle(model, head, batches, 2 * per_sample)
+    assert oracles.backpack_bytes_per_sample(head, 3) == per_sample
+    cpu = torch.device("cpu")
+    runs = [oracles.backpack_ggn_trace(model, head, batches, cpu, max_bytes=cap)
+            for cap in (2**40, 2 * per_sample)]
+    (whole, sub_whole), (split, sub_split) = ((r["trace"], r["sub_batch"]) for r in runs)
+    assert [(r["samples_run"], r["n"]) for r in runs] == [(7, 7), (7, 7)]
     assert (sub_whole, sub_split) == (5, 2)
     assert split == pytest.approx(whole, rel=1e-6)
     assert whole == pytest.approx(exact, rel=1e-5)

@@ -36,6 +36,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from convflat.bench.timing import timed
+
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
@@ -70,10 +72,7 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int)
     return float(loss.detach())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``python -m convflat.bench measures`` (module docstring)."""
-    from convflat.measures import compute_measures, cost_table, resolve_names
-
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m convflat.bench measures", description=__doc__)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--depth", type=int, default=3)
@@ -96,7 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5, help="--spread: seeds per measure")
     ap.add_argument("--n-samples", type=int, default=256,
                     help="--spread: training images measured (the quick study's 256)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of ``python -m convflat.bench measures`` (module docstring)."""
+    from convflat.measures import compute_measures, cost_table, resolve_names
+
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.spread:
@@ -127,15 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in table.itertuples():
         print(f"{r.measure:32s} {r.seconds:9.3f} {r.ratio_forward:10.1f} {r.ratio_exact:9.2f}  "
               f"{r.status}")
-    totals = []
-    for _ in range(args.total_repeats):
-        t = time.perf_counter()
-        compute_measures(model, (x, y), init_model=init, names=names, device=args.device,
-                         seed=args.seed)
-        totals.append(time.perf_counter() - t)
+    total, _ = timed(lambda: compute_measures(model, (x, y), init_model=init, names=names,
+                                              device=args.device, seed=args.seed),
+                     torch.device(args.device), args.total_repeats)
     print()
     print(f"whole set ({len(names)} measures, shared work done once): median "
-          f"{statistics.median(totals):.2f} s per model over {args.total_repeats} run(s)")
+          f"{total:.2f} s per model over {args.total_repeats} run(s)")
     return 0
 
 

@@ -38,12 +38,13 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from convflat.bench.timing import interleaved, median_ratio
 from convflat.data import load_prepared, prepare
 from convflat.io import resolve_device
 from convflat.models import build_model
@@ -145,8 +146,25 @@ def _time(batches: Iterator, step: Callable | None, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark with the command-line arguments ``argv``; prints the table."""
+def time_training(runs: Mapping[str, tuple[Iterator, Callable]], device: torch.device, *,
+                  repeats: int, warmup: int, steps: int, data: bool = True
+                  ) -> dict[str, list[float]]:
+    """The training-throughput protocol: ``runs`` maps a name to (an endless stream of
+    batches, a training step ``step(x, y)``); within every repeat, each run in turn gets
+    ``warmup`` untimed steps, ``steps`` timed steps (seconds under its name) and, with
+    ``data``, the stream's next ``steps`` batches alone (under ``"<name>@data"``), so that
+    background load hits every run alike (:func:`convflat.bench.timing.interleaved`)."""
+    fns: dict[str, Callable[[], float]] = {}
+    for key, (stream, step) in runs.items():
+        fns[f"{key}@warmup"] = lambda s=stream, st=step: _time(s, st, warmup)
+        fns[key] = lambda s=stream, st=step: _time(s, st, steps)
+        if data:
+            fns[f"{key}@data"] = lambda s=stream: _time(s, None, steps)
+    times = interleaved(fns, device, repeats)
+    return {k: v for k, v in times.items() if not k.endswith("@warmup")}
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convflat.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["cifar-synthetic", "digits"])
@@ -176,21 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+",
                    help="--flatness: only these rows (" +
                         ", ".join(name for _, name, _ in FLATNESS_MODELS) + ")")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with the command-line arguments ``argv``; prints the table."""
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.flatness:
         return _flatness_main(args, device)
-    flip = not args.no_flip
     spec0 = json.loads(args.spec)
     rows = []
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, "
           f"{args.steps} steps x {args.repeats} repeats, model {spec0}, "
           f"{'NCHW' if args.no_channels_last else 'channels-last'}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (x, y, mean, std, pad) in _datasets(args.datasets, args.n_synthetic, tmp).items():
-            rows += _bench_dataset(name, x, y, mean, std, pad, flip, spec0, device, args)
+        for name, data in _datasets(args.datasets, args.n_synthetic, tmp).items():
+            rows += _bench_dataset(name, data, spec0, device, args)
     _print_table(rows)
     if args.json:
         from convflat.io import atomic_write_json, provenance
@@ -199,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _bench_dataset(name, x, y, mean, std, pad, flip, spec0, device, args) -> list[dict]:
+def _bench_dataset(name: str, data: tuple, spec0: dict, device: torch.device,
+                   args: argparse.Namespace) -> list[dict]:
+    """Rows of one dataset (``data``: :func:`_datasets`' tuple) for every pipeline."""
+    x, y, mean, std, pad = data
+    flip = not args.no_flip
     size = (int(x.shape[2]), int(x.shape[3]))
     spec = {**spec0, "in_channels": int(x.shape[1]), "num_classes": int(y.max()) + 1}
     if spec["family"] in ("gapcnn", "resnet"):
@@ -232,33 +258,27 @@ def _bench_dataset(name, x, y, mean, std, pad, flip, spec0, device, args) -> lis
             (xb.to(device, non_blocking=True).contiguous(memory_format=fmt),
              yb.to(device, non_blocking=True)) for xb, yb in ld)))
 
-    streams = {k: make() for k, make in pipelines.items()}
-    steppers = {}
-    for key in pipelines:
+    runs = {}
+    for key, make in pipelines.items():
         model = copy.deepcopy(model0).train()
         opt = make_optimizer(model, cfg)
-        steppers[key] = (lambda xb, yb, m=model, o=opt: _sync(train_step(m, o, xb, yb), device))
-    times: dict[str, dict[str, list[float]]] = {k: {"train": [], "data": []} for k in pipelines}
-    for _ in range(args.repeats):
-        for key in pipelines:  # round-robin: background load hits every pipeline alike
-            _time(streams[key], steppers[key], args.warmup)
-            times[key]["train"].append(_time(streams[key], steppers[key], args.steps))
-            times[key]["data"].append(_time(streams[key], None, args.steps))
-    streams.clear()  # ends the DataLoader iterators and their worker processes
+        runs[key] = (make(), lambda xb, yb, m=model, o=opt: _sync(train_step(m, o, xb, yb),
+                                                                  device))
+    times = time_training(runs, device, repeats=args.repeats, warmup=args.warmup,
+                          steps=args.steps)
+    runs.clear()  # ends the DataLoader iterators and their worker processes
     loaders.clear()
     rows = []
     for key in pipelines:
         n_img = args.steps * bs
         rows.append({"dataset": name, "pipeline": key,
-                     "train_images_per_s": n_img / statistics.median(times[key]["train"]),
-                     "data_images_per_s": n_img / statistics.median(times[key]["data"])})
+                     "train_images_per_s": n_img / statistics.median(times[key]),
+                     "data_images_per_s": n_img / statistics.median(times[f"{key}@data"])})
     return rows
 
 
 def _flatness_main(args, device: torch.device) -> int:
     """``--flatness``: one Markdown row per model, printed as it finishes."""
-    from convflat.bench.curvature import _interleaved, _ratio
-
     known = [m[1] for m in FLATNESS_MODELS]
     unknown = sorted(set(args.models or ()) - set(known))
     if unknown:
@@ -292,8 +312,8 @@ def _flatness_main(args, device: torch.device) -> int:
             ev_flat()  # warm-up, and the check that the model is measured
             if tracker.error:
                 raise SystemExit(f"{name}: {tracker.error}")
-            times = _interleaved({"eval": ev, "eval+flatness": ev_flat}, device, args.repeats)
-            ratio = _ratio(times, "eval+flatness", "eval")
+            times = interleaved({"eval": ev, "eval+flatness": ev_flat}, device, args.repeats)
+            ratio = median_ratio(times, "eval+flatness", "eval")
             n = len(data)
             projected = (1 + (ratio - 1) * n / CIFAR_TRAIN) if dataset == "cifar-synthetic" \
                 else None
