@@ -168,9 +168,14 @@ def test_correlation_tables(study):
     # the headline: written by its rule, our two measures in the loss-gap table
     headline = (workdir / "results/tables/tiny/headline.md").read_text()
     assert headline.startswith("# tiny\n") and "(the `headline` rule)" in headline
-    loss_gap_table = headline.split("## loss gap")[1].split("## ")[0]
+    loss_gap_table = headline.split("## loss gap")[1].split("### Along")[0]
     for name in ("conv_trace", "conv_relative_flatness"):
         assert f"**{name} (ours)** |" in loss_gap_table
+    # 4 runs: too few for a verdict; no stop_loss: no claim that a target was reached
+    assert headline.splitlines()[2].startswith("**Insufficient evidence.** Only 4 usable run(s)")
+    assert "No training-loss target" in headline
+    assert "reached the training-loss target" not in headline
+    assert "control:width" in loss_gap_table and "### Sign error" in headline
 
 
 @pytest.mark.parametrize("figure", [
