@@ -56,6 +56,7 @@ __all__ = [
     "plot_measure_vs_gap",
     "plot_psi_heatmap",
     "plot_sign_error",
+    "plot_tau_along_training",
     "plot_tau_psi",
 ]
 
@@ -419,6 +420,39 @@ def plot_sign_error(
             ax.set_title(f"{t}: sign error per family (pairs)")
             if k == 0:
                 _bold_ours_ticks(ax.get_yticklabels())
+        return _save(fig, out, dpi)
+
+
+def plot_tau_along_training(
+    tables: Mapping[str, pd.DataFrame], out: str | os.PathLike, *,
+    panel: tuple[float, float] = PANEL, dpi: int = 300,
+) -> list[Path]:
+    """Kendall tau of each tracked measure with the final target against the training loss
+    at which it was read (:func:`~convflat.analysis.along.tau_along_training`), one panel per
+    target; training runs from left (high loss) to right (the target). Ours in red with
+    their bootstrap interval as a band, the baselines in blue-grey."""
+    if not tables:
+        raise ValueError("plot_tau_along_training needs at least one target's table")
+    with _style():
+        fig, axs = _grid(len(tables), len(tables), panel)
+        for ax, (target, table) in zip(axs, tables.items(), strict=True):
+            for m, grp in table.groupby("measure", sort=False):
+                grp = grp.sort_values("loss_level")
+                ours = bool(grp["ours"].iloc[0])
+                kw = ({"color": OURS_COLOR, "lw": 1.6, "zorder": 3} if ours
+                      else {"color": BASE_COLOR, "lw": 0.8, "alpha": 0.6})
+                ax.plot(grp["loss_level"], grp["tau"], marker="o", ms=2.5,
+                        label=f"{m} (ours)" if ours else m, **kw)
+                if ours:
+                    ax.fill_between(grp["loss_level"], grp["tau_lo"], grp["tau_hi"],
+                                    color=OURS_COLOR, alpha=0.12, lw=0)
+            ax.set_xscale("log")
+            ax.invert_xaxis()
+            ax.axhline(0, color="0.5", lw=0.6)
+            ax.set_xlabel("training loss where the measure is read")
+            ax.set_ylabel(f"Kendall τ with final {target}")
+            ax.set_title(target)
+        axs[0].legend(fontsize=5, loc="best")
         return _save(fig, out, dpi)
 
 
