@@ -303,6 +303,67 @@ def test_pacbayes_perturbs_the_folded_network(nets):
     assert raw["distance_sq"] != pytest.approx(dist2, rel=1e-2)
 
 
+class UnitBatchNorm(nn.Module):
+    """The reference code's emptied BatchNorm, written out: gamma 1, beta 0, running mean 0 and
+    variance 1, so ``gamma * x / sqrt(1 + eps) + beta`` per channel; gamma and beta trainable."""
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.zeros(channels, dtype=torch.float64))
+        self.eps = eps
+
+    def forward(self, x):
+        return (self.weight[:, None, None] * x / math.sqrt(1.0 + self.eps)
+                + self.bias[:, None, None])
+
+
+def hand_folded_kept_module(model: nn.Module) -> nn.Module:
+    """The reference code's reparameterisation (Jiang et al.'s measures as re-implemented for
+    Dziugaite et al. 2020): each conv takes the folded kernel and bias, and its BatchNorm stays
+    as a unit BatchNorm whose gamma and beta are perturbed with everything else."""
+    flat = hand_folded_module(model)
+    mods: list[nn.Module] = []
+    for m in flat:
+        mods.append(m)
+        if isinstance(m, nn.Conv2d):
+            mods.append(UnitBatchNorm(m.out_channels, eps=1e-5))
+    return nn.Sequential(*mods).eval()
+
+
+def test_pacbayes_keep_perturbs_the_emptied_batchnorms_as_the_reference_code(nets):
+    """``folded_bn="keep"``: the search is the one on the hand-built reference network (folded
+    convs, unit BatchNorms with gamma and beta perturbed); the bound's distance counts the BN
+    parameters too (0: both nets have gamma 1, beta 0). It differs from the default removal,
+    and on a net without BatchNorm both conventions are the same search."""
+    model, init = nets[True]
+    x, y = digits(120)
+    search = {"mc_samples": 4, "depth": 10, "tol": 0.01}
+    ref, ref_init = hand_folded_kept_module(model), hand_folded_kept_module(init)
+    with torch.no_grad():  # the reference net computes the function up to 1/sqrt(1+eps)
+        assert torch.allclose(ref(x), model(x), rtol=1e-4, atol=1e-4)
+    got = MEASURES["pacbayes_bound"](model, (x, y), init_model=init, device="cpu", seed=5,
+                                     folded_bn="keep", **search)
+    want = MEASURES["pacbayes_bound"](ref, (x, y), init_model=ref_init, device="cpu", seed=5,
+                                      fold_bn=False, **search)
+    assert got["status"] == "ok", got["error"]
+    assert got["bn_folded"] == 3 and got["bn_in_measured_net"] == 3
+    assert got["sigma"] == pytest.approx(want["sigma"], rel=1e-9)
+    dist2 = sum(float(((p - q) ** 2).sum()) for p, q in
+                zip(ref.parameters(), ref_init.parameters(), strict=True))
+    assert got["distance_sq"] == pytest.approx(dist2, rel=1e-9)
+    removed = MEASURES["pacbayes_bound"](model, (x, y), init_model=init, device="cpu", seed=5,
+                                         **search)
+    assert removed["bn_in_measured_net"] == 0
+    assert rel(removed["sigma"], got["sigma"]) > 1e-2
+    plain, plain_init = nets[False]
+    a, b = (MEASURES["pacbayes_flatness"](plain, (x, y), device="cpu", seed=5, folded_bn=fb,
+                                          **search) for fb in ("remove", "keep"))
+    assert a["value"] == b["value"]
+    bad = MEASURES["pacbayes_flatness"](model, (x, y), device="cpu", folded_bn="kept", **search)
+    assert bad["status"] == "failed" and "folded_bn" in bad["error"]
+
+
 # ------------------------------------------------------------------ sharpness
 
 

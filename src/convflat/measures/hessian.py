@@ -289,10 +289,59 @@ def classifier_trace(ctx: Context) -> dict[str, Any]:
     return {"value": ctx.exact().classifier_trace, **_exact_extras(ctx)}
 
 
-@register("classifier_relative_flatness", defaults={}, theory="changes",
+@register("classifier_relative_flatness", defaults={"standardize": False}, theory="changes",
           source="Petzka et al. 2021; docs/math.md Eq. (13)")
-def classifier_relative_flatness(ctx: Context) -> dict[str, Any]:
+def classifier_relative_flatness(ctx: Context, *, standardize: bool) -> dict[str, Any]:
     r"""Exact relative flatness of the classifier layer (Petzka et al. 2021):
     :math:`\kappa_V = \frac1N\sum_n \|g_n\|^2 (\sum_k G_V[k,k] p_{nk} - p_n^\top G_V p_n)`,
-    :math:`G_V = VV^\top`. Not invariant under conv filter rescaling: its features g move."""
-    return {"value": ctx.exact().classifier_relative_flatness, **_exact_extras(ctx)}
+    :math:`G_V = VV^\top`.
+
+    ``standardize=False`` (default): on the raw pooled features g, as docs/math.md Eq. (13)
+    defines it; not invariant under conv filter rescaling (its features g move).
+    ``standardize=True``: Petzka et al.'s script's convention, the same formula on the features
+    rescaled to unit standard deviation over the measured samples, :math:`g'_{nc} = g_{nc}/s_c`,
+    with the classifier rescaled to keep the logits, :math:`V'_{kc} = V_{kc} s_c`
+    (:math:`s_c` the population standard deviation, divisor N). Then any positive rescaling of
+    a feature (a filter of a ReLU conv feeding GAP with the classifier column divided by the
+    same factor) leaves the value unchanged. A feature constant over the samples
+    (:math:`s_c = 0`, a dead filter) is left out; the entry counts them in
+    ``constant_features``.
+    """
+    if not isinstance(standardize, bool):
+        raise ValueError(f"standardize must be true or false, got {standardize!r}")
+    if not standardize:
+        return {"value": ctx.exact().classifier_relative_flatness, **_exact_extras(ctx)}
+    head = ctx.head()
+    return {**_standardized_kappa_v(ctx), "layer": head.conv_name,
+            "classifier": head.linear_name}
+
+
+def _standardized_kappa_v(ctx: Context) -> dict[str, Any]:
+    """kappa_V on features rescaled to unit standard deviation (see
+    :func:`classifier_relative_flatness`), in float64 from the classifier's inputs and outputs."""
+    from convflat.curvature.driver import classifier_curvature
+
+    head = ctx.head()
+    linear = ctx.model.get_submodule(head.linear_name)
+    feats, logits = [], []
+
+    def hook(_m, inp, out):
+        feats.append(inp[0].detach().double())
+        logits.append(out.detach().double())
+
+    handle = linear.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for x, _ in ctx.batches:
+                ctx.model(x)
+    finally:
+        handle.remove()
+    g = torch.cat(feats).flatten(1)
+    p = torch.softmax(torch.cat(logits), dim=1)
+    std = g.std(0, unbiased=False)
+    live = std > 0
+    scale = torch.where(live, std, torch.ones_like(std))
+    g_std = torch.where(live, g / scale, torch.zeros_like(g))
+    V = linear.weight.detach().double() * torch.where(live, std, torch.zeros_like(std))
+    _, kap = classifier_curvature(g_std, p, V)
+    return {"value": float(kap) / g.shape[0], "constant_features": int((~live).sum())}

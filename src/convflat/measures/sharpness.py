@@ -12,6 +12,13 @@ With a scale vector ``c`` (``c = 1`` plain, ``c = |w| + eta`` adaptive/elementwi
 
   .. math:: S_{\max}^\rho = \max_{\|\delta \oslash c\|_p \le \rho} L(w + \delta) - L(w);
 
+* Keskar et al. 2017's sharpness (their Eq. (3), in the full parameter space, A = I): the box
+  :math:`|\delta_i| \le \epsilon(|w_i| + 1)` (the worst case above with the max-norm and
+  ``c = |w| + 1``), and the rise relative to the loss, in percent:
+
+  .. math:: \phi_\epsilon = 100\,\frac{\max_{|\delta_i| \le \epsilon(|w_i|+1)} L(w+\delta)
+            - L(w)}{1 + L(w)};
+
 * average case (Andriushchenko et al. 2023, Section 3; Jiang et al. 2020 Section 6 discuss
   the same quantity as the PAC-Bayes perturbation):
 
@@ -22,7 +29,8 @@ rescaling :math:`w \mapsto Dw` (ReLU filter rescaling included): the perturbatio
 seeded noise) scale with the weights, :math:`L(Dw + |Dw| \odot \varepsilon) = L(w + |w| \odot
 \varepsilon)`. ASAM's ``eta > 0`` (used in training to move zero weights) breaks this slightly.
 
-Sources: Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization", ICLR 2021;
+Sources: Keskar, Mudigere, Nocedal, Smelyanskiy, Tang, "On Large-Batch Training for Deep
+Learning: Generalization Gap and Sharp Minima", ICLR 2017, Section 2.2.2; Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization", ICLR 2021;
 Kwon, Kim, Park, Choi, "ASAM: Adaptive Sharpness-Aware Minimization", ICML 2021;
 Andriushchenko, Croce, Müller, Hein, Flammarion, "A Modern Look at the Relationship between
 Sharpness and Generalization", ICML 2023. Andriushchenko et al. average the worst case over
@@ -40,7 +48,7 @@ import torch
 from convflat.measures.base import register
 from convflat.measures.context import Context, perturbed
 
-__all__ = ["average_sharpness", "worst_case_sharpness"]
+__all__ = ["average_sharpness", "keskar_sharpness", "worst_case_sharpness"]
 
 
 def _scales(params, adaptive: bool, eta: float) -> list[torch.Tensor]:
@@ -166,6 +174,26 @@ def worst_case_sharpness(
             "converged": converged}
 
 
+def keskar_sharpness(
+    ctx: Context, *, eps: float, max_steps: int, tol: float = 1e-3, window: int = 5,
+    step_fraction: float = 0.5,
+) -> dict[str, Any]:
+    r"""Keskar et al. 2017's sharpness :math:`100\,(\max_{\delta \in C_\epsilon} L(w+\delta)
+    - L(w)) / (1 + L(w))` over the box :math:`C_\epsilon = \{|\delta_i| \le
+    \epsilon(|w_i|+1)\}` in the full parameter space.
+
+    The maximum is :func:`worst_case_sharpness` with the max-norm, ``rho = eps`` and the
+    elementwise scale ``c = |w| + 1`` (``eta = 1``): projected sign-gradient ascent in the box,
+    run to convergence (Keskar et al. take 10 L-BFGS-B iterations). Returns ``value``, the
+    unnormalised ``rise``, ``base_loss`` and the ascent's ``steps``, ``last_relative_change``
+    and ``converged``.
+    """
+    r = worst_case_sharpness(ctx, rho=eps, max_steps=max_steps, tol=tol, window=window,
+                             norm="linf", adaptive=True, eta=1.0, step_fraction=step_fraction)
+    rise = r.pop("value")
+    return {"value": 100.0 * rise / (1.0 + r["base_loss"]), "rise": rise, **r}
+
+
 def average_sharpness(
     ctx: Context, *, sigma: float, samples: int, adaptive: bool = False, eta: float = 0.0,
 ) -> dict[str, Any]:
@@ -200,16 +228,33 @@ _ASCENT = {"max_steps": 100, "tol": 1e-3, "window": 5, "norm": "l2", "step_fract
     "sharpness_worst",
     defaults={"rho": 0.05, **_ASCENT},
     theory="changes",
-    source="Foret et al. 2021 (rho-sharpness); Keskar et al. 2017",
+    source="Foret et al. 2021 (rho-sharpness)",
 )
 def sharpness_worst(ctx: Context, *, rho: float, max_steps: int, tol: float, window: int,
                     norm: str, step_fraction: float) -> dict[str, Any]:
-    r"""Worst-case rho-sharpness :math:`\max_{\|\delta\|_p\le\rho} L(w+\delta) - L(w)`, by
+    r"""Worst-case rho-sharpness :math:`\max_{\|\delta\|_p\le\rho} L(w+\delta) - L(w)`
+    (Foret et al.'s; Keskar et al.'s differently bounded and normalised sharpness is
+    ``sharpness_keskar``), by
     projected gradient ascent until the best value changes by less than ``tol`` (relative)
     over ``window`` steps, at most ``max_steps`` steps (see :func:`worst_case_sharpness`);
     the entry records ``steps``, ``last_relative_change`` and ``converged``."""
     return worst_case_sharpness(ctx, rho=rho, max_steps=max_steps, tol=tol, window=window,
                                 norm=norm, adaptive=False, step_fraction=step_fraction)
+
+
+@register(
+    "sharpness_keskar",
+    defaults={"eps": 1e-3, **{k: v for k, v in _ASCENT.items() if k != "norm"}},
+    theory="changes",
+    source="Keskar et al. 2017, Eq. (3) (full space, A = I)",
+)
+def sharpness_keskar(ctx: Context, *, eps: float, max_steps: int, tol: float, window: int,
+                     step_fraction: float) -> dict[str, Any]:
+    r"""Keskar et al.'s sharpness: the largest loss rise in the box
+    :math:`|\delta_i| \le \epsilon(|w_i|+1)`, divided by :math:`1 + L(w)`, times 100 (see
+    :func:`keskar_sharpness`)."""
+    return keskar_sharpness(ctx, eps=eps, max_steps=max_steps, tol=tol, window=window,
+                            step_fraction=step_fraction)
 
 
 @register(
