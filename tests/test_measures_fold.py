@@ -356,7 +356,7 @@ def test_pacbayes_keep_perturbs_the_emptied_batchnorms_as_the_reference_code(net
                                          **search)
     assert removed["bn_in_measured_net"] == 0
     assert rel(removed["sigma"], got["sigma"]) > 1e-2
-    plain, plain_init = nets[False]
+    plain, _ = nets[False]
     a, b = (MEASURES["pacbayes_flatness"](plain, (x, y), device="cpu", seed=5, folded_bn=fb,
                                           **search) for fb in ("remove", "keep"))
     assert a["value"] == b["value"]

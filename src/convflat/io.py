@@ -9,9 +9,11 @@ because this module imports neither torch nor pandas.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import platform
 import sys
 import tempfile
@@ -60,11 +62,78 @@ def current_umask() -> int:
     return mask
 
 
+#: errno values that mean "the filesystem has no room": full disk, exhausted quota.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """No space left on the device (or quota) while writing ``filename``. The message is one
+    line naming the path; the command line prints it and exits with status 1."""
+
+    def __init__(self, path: str | os.PathLike, detail: str = ""):
+        super().__init__(errno.ENOSPC, f"no space left on device writing {path}"
+                         + (f" ({detail})" if detail else ""), str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The OSError with errno ENOSPC or EDQUOT in ``exc`` or its chain of causes and contexts
+    (torch.save reports a full disk as a RuntimeError about stream positions, with the
+    OSError only in its context), or None."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _NO_SPACE:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def check_free_space(path: str | os.PathLike, needed: int, what: str = "") -> None:
+    """Raise :class:`DiskFullError` before long work when the filesystem that ``path`` will be
+    written to has fewer than ``needed`` bytes free (a lower bound of the output's size, so
+    that the check never refuses a write that would fit). Missing directories are looked up
+    at their nearest existing parent; a filesystem whose free space cannot be read passes."""
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise DiskFullError(path, f"{what or 'the output'}: at least {_size(needed)}, "
+                                  f"{_size(free)} free")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it into
     place; on any error the temporary file is removed and ``path`` is untouched. The file
-    gets mode ``0o666 & ~umask``, as a plain ``open(path, "w")`` would give it."""
+    gets mode ``0o666 & ~umask``, as a plain ``open(path, "w")`` would give it. A full disk
+    (or quota), however the writer reports it, raises :class:`DiskFullError` naming ``path``."""
     path = Path(path)
+    try:
+        return _atomic_write(path, write)
+    except DiskFullError:
+        raise
+    except BaseException as exc:
+        if disk_full_cause(exc) is not None:
+            raise DiskFullError(path) from exc
+        raise
+
+
+def _atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -6,7 +6,8 @@ Each module in this package that defines ``register(subparsers)`` adds one subco
 hold shared helpers. No module imports torch before ``func`` runs, so ``--help`` is fast.
 
 Exit status: 0 success; 1 the work ran but part of it failed (``convflat measure`` with a
-failed measure); 2 a user error (bad flag value, missing or unreadable file, unwritable
+failed measure), or the disk (or quota) is full: one line naming the path and "no space left
+on device", no traceback; 2 a user error (bad flag value, missing or unreadable file, unwritable
 output, a model outside the measured class): one line on stderr, no traceback; 130
 interrupted (Ctrl-C), also without a traceback.
 """
@@ -74,6 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         text = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{command}: error: {text}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from convflat.io import DiskFullError, disk_full_cause
+
+        cause = exc if isinstance(exc, DiskFullError) else disk_full_cause(exc)
+        if cause is None:
+            raise
+        if isinstance(cause, DiskFullError):
+            text = str(cause)
+        else:
+            where = f" writing {cause.filename}" if cause.filename else ""
+            text = f"no space left on device{where}"
+        print(f"{command}: error: {' '.join(text.split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

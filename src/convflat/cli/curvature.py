@@ -93,7 +93,7 @@ def run(args) -> int:
     import torch
 
     from convflat.curvature import exact_curvature, find_head
-    from convflat.io import atomic_write_json, provenance, resolve_device
+    from convflat.io import atomic_write_json, check_free_space, provenance, resolve_device
 
     if not args.data:
         raise CLIError("--data is required")
@@ -111,6 +111,9 @@ def run(args) -> int:
     dev = resolve_device(args.device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     head = find_head(model, layer=args.layer)  # refuses an out-of-class model before the work
+    if args.out:  # a lower bound of the JSON's size (C x C numbers with --blocks), before the work
+        C = head.conv.out_channels
+        check_free_space(args.out, 1024 + (8 * C * C if args.blocks else 0), "the JSON record")
     bar = _batches(x, y, args.batch_size, args.progress,
                    desc=f"exact curvature [{head.conv_name}]")
     try:

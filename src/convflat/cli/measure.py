@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(out)
     # the model and data layers import torch: only now, so that `convflat --help` stays fast
     from convflat.cli._args import load_measure_data
-    from convflat.io import resolve_device
+    from convflat.io import check_free_space, resolve_device
     from convflat.measures import compute_measures, resolve_names, write_measures_json
     from convflat.models import load_checkpoint
 
@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         init, _ = load_checkpoint(args.init)
     subset_seed = args.seed if args.subset_seed is None else args.subset_seed
     _, x, y = load_measure_data(args, subset_seed)
+    # a lower bound of measures.json's size (a few hundred bytes per entry), before the work
+    check_free_space(out, 512 * len(names) + 1024, "measures.json")
     start = time.perf_counter()
     results = compute_measures(model, (x, y), init_model=init, names=names, params=params,
                                device=dev, seed=args.seed, progress=args.progress,

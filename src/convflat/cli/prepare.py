@@ -74,6 +74,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_space(args: argparse.Namespace, out: Path) -> None:
+    """Refuse before loading a built-in source when the filesystem of ``out`` cannot hold its
+    training images (uint8: a lower bound of the prepared file's size). A file that exists and
+    will be reused is not rewritten, so it is not checked; user sources are not sized."""
+    from convflat.io import check_free_space
+    from convflat.sources import find_source
+
+    source = find_source(str(args.data))
+    if source is None or (out.exists() and not getattr(args, "overwrite", False)):
+        return
+    n = min(args.subset or source.n_images, source.n_images)
+    h, w = source.image_size
+    check_free_space(out, n * source.channels * h * w, f"{n} images of {source.name} ({source.channels} x {h} x {w} bytes each)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Prepare (or reuse) the file and print what it holds."""
     from convflat import data
@@ -85,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         args.data, root=args.root, subset=args.subset, label_noise=args.label_noise,
         seed=args.data_seed, test_fraction=args.test_fraction)
     check_output_file(out)
+    _check_space(args, Path(out))
     prepared = load_data(args, out=out)
     info = prepared.describe()
     print(f"{prepared.path}: {info['n_train']} train / {info['n_test']} test images of shape "

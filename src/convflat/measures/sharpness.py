@@ -1,6 +1,6 @@
 r"""Sharpness: how much the training loss rises under a bounded or random weight perturbation.
 
-All four measures perturb every trainable parameter (weights, biases, BatchNorm affine
+All these measures perturb every trainable parameter (weights, biases, BatchNorm affine
 parameters; running statistics are buffers and stay fixed), evaluate the mean cross-entropy
 :math:`L` over the whole training set (``max_samples`` subsamples it), and restore the exact
 original weights afterwards, also when an exception interrupts them.
@@ -30,7 +30,8 @@ seeded noise) scale with the weights, :math:`L(Dw + |Dw| \odot \varepsilon) = L(
 \varepsilon)`. ASAM's ``eta > 0`` (used in training to move zero weights) breaks this slightly.
 
 Sources: Keskar, Mudigere, Nocedal, Smelyanskiy, Tang, "On Large-Batch Training for Deep
-Learning: Generalization Gap and Sharp Minima", ICLR 2017, Section 2.2.2; Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization", ICLR 2021;
+Learning: Generalization Gap and Sharp Minima", ICLR 2017, Section 2.2.2;
+Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization", ICLR 2021;
 Kwon, Kim, Park, Choi, "ASAM: Adaptive Sharpness-Aware Minimization", ICML 2021;
 Andriushchenko, Croce, Müller, Hein, Flammarion, "A Modern Look at the Relationship between
 Sharpness and Generalization", ICML 2023. Andriushchenko et al. average the worst case over
