@@ -13,8 +13,8 @@ import errno
 import json
 import math
 import os
-import shutil
 import platform
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator

@@ -86,7 +86,8 @@ def _check_space(args: argparse.Namespace, out: Path) -> None:
         return
     n = min(args.subset or source.n_images, source.n_images)
     h, w = source.image_size
-    check_free_space(out, n * source.channels * h * w, f"{n} images of {source.name} ({source.channels} x {h} x {w} bytes each)")
+    check_free_space(out, n * source.channels * h * w,
+                     f"{n} images of {source.name} ({source.channels} x {h} x {w} bytes each)")
 
 
 def run(args: argparse.Namespace) -> int:
