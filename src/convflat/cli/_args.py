@@ -20,6 +20,11 @@ from convflat.cli import CLIError
 DATA_HELP = ("a prepared .pt file, or a dataset name: sklearn-digits, mnist, fashion-mnist, "
              "kmnist, cifar10, cifar100, svhn, npz:PATH, folder:PATH")
 
+#: ``convflat prepare --data``: only sources (a prepared file is what prepare writes).
+SOURCE_HELP = ("a dataset name: sklearn-digits, mnist, fashion-mnist, kmnist, cifar10, "
+               "cifar100, svhn, npz:PATH, folder:PATH (not a prepared .pt file: that is what "
+               "prepare writes)")
+
 _DEVICE = re.compile(r"^(auto|cpu|mps|meta|(cuda|xpu)(:\d+)?)$")
 
 

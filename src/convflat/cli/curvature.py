@@ -74,8 +74,31 @@ def _load_model(args, num_classes: int, in_channels: int):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CLIError(f"{args.checkpoint} holds a {type(state).__name__}, not a state_dict")
+    _check_classes(args, model, state, spec["num_classes"])
     models.load_state(model, state, f"{args.checkpoint} does not fit {args.arch}")
     return model.eval(), spec
+
+
+def _check_classes(args, model, state: dict, num_classes: int) -> None:
+    """A state_dict whose classifier (the model's last nn.Linear) has another number of
+    outputs than the model built: name its key and suggest ``--num-classes``."""
+    import torch
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        return
+    key = f"{linears[-1]}.weight"
+    weight = state.get(key)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return  # load_state names whatever else does not fit
+    n = int(weight.shape[0])
+    if n != num_classes:
+        given = ("--num-classes" if args.num_classes is not None
+                 else f"the classes of {args.data}")
+        raise CLIError(
+            f"{args.checkpoint} does not fit {args.arch}: its classifier {key} has {n} "
+            f"outputs, the model was built with {num_classes} ({given}); pass --num-classes "
+            f"{n} if the checkpoint is right")
 
 
 def _batches(x, y, batch_size: int, progress: bool, desc: str):

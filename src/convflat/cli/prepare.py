@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 
 from convflat.cli._args import (
+    DATA_HELP,
+    SOURCE_HELP,
     add_data_argument,
     add_source_arguments,
     check_output_file,
@@ -22,11 +24,12 @@ from convflat.cli._args import (
 )
 
 
-def add_data_arguments(p: argparse.ArgumentParser, *, seed_flag: str = "--seed") -> None:
+def add_data_arguments(p: argparse.ArgumentParser, *, seed_flag: str = "--seed",
+                       data_help: str = DATA_HELP) -> None:
     """The dataset options shared by ``prepare`` and ``train``: ``--data`` (alias
-    ``--dataset``), ``--root``, ``--no-download``, ``--subset``, ``--label-noise``, the seed
-    and ``--test-fraction``."""
-    add_data_argument(p)
+    ``--dataset``, described by ``data_help``), ``--root``, ``--no-download``, ``--subset``,
+    ``--label-noise``, the seed and ``--test-fraction``."""
+    add_data_argument(p, help=data_help)
     add_source_arguments(p)
     p.add_argument("--subset", type=positive_int, metavar="N",
                    help="keep this many training images (drawn uniformly)")
@@ -66,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "image folder, apply the subset and label noise, and write one .pt file with uint8 "
         "images, labels, class names and per-channel mean and std.",
     )
-    add_data_arguments(p)
+    add_data_arguments(p, data_help=SOURCE_HELP)
     p.add_argument("--out", type=Path,
                    help="file to write (default: ROOT/prepared/<dataset>[_options].pt)")
     p.add_argument("--overwrite", action="store_true",

@@ -364,13 +364,21 @@ def _depths(gm: fx.GraphModule) -> dict[fx.Node, int]:
 
 def _named_conv(gm: fx.GraphModule, model: nn.Module, conv_nodes: list[fx.Node],
                 layer: str) -> fx.Node:
-    """The one call of the conv module ``layer``."""
+    """The one call of the conv module ``layer``; an unknown name or a module that is not a
+    conv raises an error that lists the conv layers one could name (each called once)."""
     names = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for n in conv_nodes:
+        calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    once = [name for name, k in calls.items() if k == 1]
+    choices = (f"; the conv layers of {type(model).__name__}: {', '.join(once)}" if once
+               else f"; {type(model).__name__} calls no nn.Conv2d exactly once")
     if layer not in names:
-        raise OutOfClassError(f"layer={layer!r} is not a module of {type(model).__name__}")
+        raise OutOfClassError(
+            f"layer={layer!r} is not a module of {type(model).__name__}{choices}")
     if not isinstance(names[layer], nn.Conv2d):
         raise OutOfClassError(
-            f"layer={layer!r} is a {type(names[layer]).__name__}, not an nn.Conv2d"
+            f"layer={layer!r} is a {type(names[layer]).__name__}, not an nn.Conv2d{choices}"
         )
     chosen = [n for n in conv_nodes if n.target == layer]
     if not chosen:
