@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import convflat
 from convflat import io
 from convflat.cli import main
 from convflat.models import build_model, save_checkpoint
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(convflat.__file__).resolve().parents[1])  # the convflat this session imports
 
 
 @pytest.fixture(scope="module")

@@ -80,25 +80,27 @@ def _load_model(args, num_classes: int, in_channels: int):
 
 
 def _check_classes(args, model, state: dict, num_classes: int) -> None:
-    """A state_dict whose classifier (the model's last nn.Linear) has another number of
-    outputs than the model built: name its key and suggest ``--num-classes``."""
+    """A state_dict that fits the model except for the number of outputs of its classifier
+    (the model's last nn.Linear): name the key and suggest ``--num-classes``. Anything else
+    that does not fit is left to :func:`convflat.models.load_state`."""
     import torch
 
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
+    expected = model.state_dict()
+    if not linears or set(state) != set(expected):
         return
     key = f"{linears[-1]}.weight"
-    weight = state.get(key)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        return  # load_state names whatever else does not fit
-    n = int(weight.shape[0])
-    if n != num_classes:
-        given = ("--num-classes" if args.num_classes is not None
-                 else f"the classes of {args.data}")
-        raise CLIError(
-            f"{args.checkpoint} does not fit {args.arch}: its classifier {key} has {n} "
-            f"outputs, the model was built with {num_classes} ({given}); pass --num-classes "
-            f"{n} if the checkpoint is right")
+    bad = {k for k, v in expected.items()
+           if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape)}
+    if key not in bad or not bad <= {key, f"{linears[-1]}.bias"} or state[key].ndim != 2:
+        return
+    n = int(state[key].shape[0])
+    given = ("--num-classes" if args.num_classes is not None
+             else f"the classes of {args.data}")
+    raise CLIError(
+        f"{args.checkpoint} does not fit {args.arch}: its classifier {key} has {n} "
+        f"outputs, the model was built with {num_classes} ({given}); pass --num-classes "
+        f"{n} if the checkpoint is right")
 
 
 def _batches(x, y, batch_size: int, progress: bool, desc: str):
