@@ -28,6 +28,7 @@ MOVE = [
     "hessian_top_eigenvalue", "conv_top_eigenvalue", "conv_hessian_frobenius",
     "frobenius_norm", "spectral_norm_sum", "spectral_norm_product", "distance_from_init",
     "classifier_trace", "classifier_relative_flatness", "sharpness_worst", "sharpness_avg",
+    "sharpness_keskar",
 ]
 # stochastic bisections whose resolution may hide a small change; reported, not asserted
 REPORTED = ["pacbayes_flatness", "pacbayes_bound", "pacbayes_mag_flatness"]

@@ -40,7 +40,8 @@ MEASURES_FORMAT = "convflat-measures/1"
 #: ``hutchpp_conv_trace`` (second estimators of quantities already here; see also
 #: :func:`convflat.measures.hutchinson_convergence`), ``conv_hessian_frobenius`` (exact but
 #: O(N^2) in the number of samples: give it ``max_samples`` on large sets),
-#: ``pacbayes_mag_flatness`` and ``sharpness_avg_adaptive`` (optional variants).
+#: ``pacbayes_mag_flatness``, ``sharpness_avg_adaptive`` and ``sharpness_keskar`` (optional
+#: variants; Keskar et al.'s box sharpness).
 DEFAULT_MEASURES: list[str] = [
     # ours (exact, closed form)
     "conv_trace",
