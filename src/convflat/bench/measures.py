@@ -207,6 +207,13 @@ _SPREAD: dict[str, dict] = {
     "pacbayes_flatness@64": {"measure": "pacbayes_flatness", "params": {"mc_samples": 64},
                              "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
                              "key": "sigma"},
+    "pacbayes_flatness@128": {"measure": "pacbayes_flatness", "params": {"mc_samples": 128},
+                              "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
+                              "key": "sigma"},
+    "pacbayes_flatness@keep+128": {
+        "measure": "pacbayes_flatness", "params": {"folded_bn": "keep", "mc_samples": 128},
+        "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20, "folded_bn": "keep"}],
+        "key": "sigma"},
     "pacbayes_flatness@256": {"measure": "pacbayes_flatness", "params": {"mc_samples": 256},
                               "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
                               "key": "sigma"},
@@ -217,15 +224,19 @@ _SPREAD: dict[str, dict] = {
     "pacbayes_flatness@tol.0025": {"measure": "pacbayes_flatness", "params": {"tol": 0.0025},
                                    "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
                                    "key": "sigma"},
-    "pacbayes_flatness@256,tol.0025": {"measure": "pacbayes_flatness",
+    "pacbayes_flatness@256+tol.0025": {"measure": "pacbayes_flatness",
                                        "params": {"mc_samples": 256, "tol": 0.0025},
                                        "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
                                        "key": "sigma"},
-    "pacbayes_flatness@keep,tol.0025": {
+    "pacbayes_flatness@keep+tol.0025": {
         "measure": "pacbayes_flatness", "params": {"folded_bn": "keep", "tol": 0.0025},
         "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20, "folded_bn": "keep"}],
         "key": "sigma"},
-    "pacbayes_flatness@keep,256,tol.0025": {
+    "pacbayes_flatness@keep+256": {
+        "measure": "pacbayes_flatness", "params": {"folded_bn": "keep", "mc_samples": 256},
+        "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20, "folded_bn": "keep"}],
+        "key": "sigma"},
+    "pacbayes_flatness@keep+256+tol.0025": {
         "measure": "pacbayes_flatness",
         "params": {"folded_bn": "keep", "mc_samples": 256, "tol": 0.0025},
         "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20, "folded_bn": "keep"}],

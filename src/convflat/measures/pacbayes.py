@@ -46,7 +46,8 @@ code differ, and the two give different numbers on BatchNorm nets:
   running mean 0 and variance 1 (it then scales its channel by :math:`1/\sqrt{1+\epsilon}`),
   and its :math:`\gamma, \beta` are perturbed with the rest: every BN adds a per-channel
   multiplicative factor :math:`1 + \sigma z` and offset :math:`\sigma z'` to the noise. Use
-  it to compare with published values. On a BN gapcnn this moves sigma' by about 20 %.
+  it to compare with published values. On three BN gapcnns it lowered sigma' by 6-18 %
+  (docs/measures.md, "PAC-Bayes").
 
 The default is ``"remove"`` because then the measure depends on the function and its plain-conv
 parameterisation only: a BN net and the plain net it folds to get the same sigma', whereas with
@@ -57,14 +58,19 @@ All trainable parameters of the measured network are perturbed (weights, biases,
 affine parameters of any BatchNorm left unfolded), and the bound's norm runs over the same set,
 so that it is the KL of the perturbed posterior to the prior :math:`N(w_0, \sigma'^2 I)`.
 
-Defaults: ``mc_samples=128`` draws per trial, ``tol=0.005``, ``depth=14``. On three quick-study
+Defaults: ``mc_samples=256`` draws per trial, ``tol=0.005``, ``depth=14``. On three quick-study
 nets (BatchNorm gapcnns trained on digits, 256 training images, seeds 0-9) the sigma found
-varies across seeds by a relative standard deviation of 1.2-2.4 % and a relative range
-(max - min)/mean of 2.4-4.8 %, and the mean over seeds is within 1 % of a 512-draw search.
-With 64 draws: 1.6-3.3 % and 4.8-9.3 %; with Jiang et al.'s 5 draws and tolerance 0.01:
-7.5-8.8 % and about 19 % (5 seeds). The price: up to 128 x 14 forward passes over the data per
-search (the search stops at the first trial within ``tol``), against Jiang et al.'s 5 x 10.
-Command and tables: docs/measures.md (``python -m convflat.bench measures --spread``).
+varies across seeds by a relative range (max - min)/mean of 2.4-4.8 % with the default
+``folded_bn="remove"`` and 4.8 % on the net where ``"keep"`` varies most; 128 draws gave
+2.4-4.8 % and up to 9.5 % (``"keep"``), 64 draws up to 9.3 %, Jiang et al.'s 5 draws with
+tolerance 0.01 about 19 %. The range is quantised: the reported sigma is a point of the
+geometric bisection grid, about 2.4 % apart at the depth these searches stop, so 4.8 % is two
+grid steps and the next possible value is 7.2 %. The mean over seeds is within 1.4 % of a
+512-draw search with tolerance 0.001. The price: up to 256 x 14 forward passes over the data
+per search (it stops at the first trial within ``tol``; about twice the 128-draw search),
+against Jiang et al.'s 5 x 10.
+Command and tables: docs/measures.md and docs/benchmarks.md (``python -m convflat.bench measures
+--spread``).
 """
 
 from __future__ import annotations
@@ -90,7 +96,7 @@ def sigma_search(
     magnitude_eps: float = 1e-3,
     target: float = 0.1,
     tol: float = 0.005,
-    mc_samples: int = 128,
+    mc_samples: int = 256,
     depth: int = 14,
     lower: float = 1e-5,
     upper: float = 2.0,
@@ -140,7 +146,7 @@ def sigma_search(
     }
 
 
-_SEARCH = {"target": 0.1, "tol": 0.005, "mc_samples": 128, "depth": 14, "lower": 1e-5,
+_SEARCH = {"target": 0.1, "tol": 0.005, "mc_samples": 256, "depth": 14, "lower": 1e-5,
            "upper": 2.0, "fold_bn": True, "folded_bn": "remove"}
 
 FOLDED_BN = ("remove", "keep")
