@@ -221,7 +221,8 @@ _SPREAD: dict[str, dict] = {
                                "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20,
                                          "folded_bn": "keep"}],
                                "key": "sigma"},
-    "pacbayes_flatness@tol.0025": {"measure": "pacbayes_flatness", "params": {"tol": 0.0025},
+    "pacbayes_flatness@tol.0025": {"measure": "pacbayes_flatness",
+                                   "params": {"mc_samples": 128, "tol": 0.0025},
                                    "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
                                    "key": "sigma"},
     "pacbayes_flatness@256+tol.0025": {"measure": "pacbayes_flatness",
@@ -229,7 +230,8 @@ _SPREAD: dict[str, dict] = {
                                        "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
                                        "key": "sigma"},
     "pacbayes_flatness@keep+tol.0025": {
-        "measure": "pacbayes_flatness", "params": {"folded_bn": "keep", "tol": 0.0025},
+        "measure": "pacbayes_flatness",
+        "params": {"folded_bn": "keep", "mc_samples": 128, "tol": 0.0025},
         "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20, "folded_bn": "keep"}],
         "key": "sigma"},
     "pacbayes_flatness@keep+256": {
