@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from convflat.measures.base import register
+from convflat.measures.base import Param, register
 from convflat.measures.context import Context, perturbed
 
 __all__ = ["sigma_search"]
@@ -121,8 +121,9 @@ def sigma_search(
     }
 
 
-_SEARCH = {"target": 0.1, "tol": 0.005, "mc_samples": 128, "depth": 14, "lower": 1e-5,
-           "upper": 2.0, "fold_bn": True}
+_SEARCH = {"target": Param(0.1, above=0, maximum=1), "tol": Param(0.005, above=0),
+           "mc_samples": Param(128, minimum=1), "depth": Param(14, minimum=1),
+           "lower": Param(1e-5, above=0), "upper": Param(2.0, above=0), "fold_bn": True}
 
 
 def _shared_sigma(ctx: Context, magnitude: bool, fold_bn: bool, **search: Any
@@ -172,7 +173,7 @@ def pacbayes_bound(ctx: Context, **search: Any) -> dict[str, Any]:
 
 @register(
     "pacbayes_mag_flatness",
-    defaults={**_SEARCH, "magnitude_eps": 1e-3},
+    defaults={**_SEARCH, "magnitude_eps": Param(1e-3, minimum=0)},
     theory="nearly invariant",
     source="Jiang et al. 2020, eq. (61) (pacbayes.mag.flatness)",
 )
