@@ -262,3 +262,25 @@ def test_code_version():
     import convflat
 
     assert study.code_version("train") == f"convflat-{convflat.__version__}/train-1"
+
+
+@pytest.mark.parametrize(
+    ("spec", "hw", "channels", "classes"),
+    [({"family": "gapcnn", "width": 8, "depth": 3}, (8, 8), 1, 10),
+     ({"family": "gapcnn", "width": 16, "depth": 5, "batchnorm": False}, (32, 32), 3, 10),
+     ({"family": "resnet", "depth": 8, "width": 4, "preact": True}, (32, 32), 3, 100)],
+)
+def test_forward_flops_agree_with_torchs_flop_counter(spec, hw, channels, classes):
+    """The one FLOP counter (the estimate's, and bench gpu's cost model) against torch's
+    own FlopCounterMode on the same model: 2 flops per multiply-add of every conv and
+    linear layer."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from convflat.models import build_model
+
+    full = {**spec, "in_channels": channels, "num_classes": classes, "image_size": list(hw)}
+    model = build_model(full).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, channels, *hw))
+    assert study.forward_flops(spec, hw, channels, classes) == counter.get_total_flops()
