@@ -407,3 +407,39 @@ def test_training_settings_between_fields_name_the_key():
     with pytest.raises(ConfigError, match="'studies.tiny.train.nesterov': TrainConfig.nesterov "
                                           "needs optimizer='sgd'"):
         study.check_config(config)
+
+
+def test_every_measure_parameter_declares_its_type():
+    """The registry knows each parameter's type (from its Param, or its default's) and
+    each default lies in its own declared range."""
+    from convflat.measures import MEASURES
+
+    for name, measure in MEASURES.items():
+        for param, spec in measure.params.items():
+            assert spec.kind in ("int", "float", "str", "bool"), (name, param)
+            assert spec.accepts(spec.default), (name, param, spec.default)
+
+
+@pytest.mark.parametrize(
+    ("declared", "good", "bad", "words"),
+    [
+        (dict(default=6, minimum=1), [1, 6, 6.0], [0, -4, "many", 2.5, True, None],
+         "a positive integer"),
+        (dict(default=0.1, above=0, maximum=1), [1, 0.5, 1e-9], [0, -0.1, 1.5, "x"],
+         "a number in (0, 1]"),
+        (dict(default=0.0, minimum=0), [0, 3.5], [-1e-9, float("nan")], "a number >= 0"),
+        (dict(default="l2", choices=("l2", "linf")), ["linf"], ["l1", 2],
+         "one of ('l2', 'linf')"),
+        (dict(default=True), [False], ["yes", 1], "true or false"),
+        (dict(default=None, kind="int", minimum=1, nullable=True), [None, 3], [0],
+         "a positive integer"),
+    ],
+)
+def test_param_ranges(declared, good, bad, words):
+    """Param.accepts and describe, value by value (the rule written out by hand)."""
+    from convflat.measures.base import Param
+
+    p = Param(**declared)
+    assert all(p.accepts(v) for v in good), [v for v in good if not p.accepts(v)]
+    assert not any(p.accepts(v) for v in bad), [v for v in bad if p.accepts(v)]
+    assert p.describe() == words

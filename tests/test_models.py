@@ -297,3 +297,20 @@ def test_model_spec_imports_no_torch():
             "assert 'torch' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_training_doc_names_every_spec_key():
+    """docs/training.md's table of families names every key of each family's dataclass."""
+    from pathlib import Path
+
+    from convflat.model_spec import FAMILIES, options
+
+    doc = (Path(__file__).resolve().parents[1] / "docs/training.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines()
+            if line.startswith("| `")}
+    for family in FAMILIES:
+        for opt in options(family):
+            if opt.name in ("in_channels", "num_classes"):
+                assert f"`{opt.name}`" in doc  # "All specs also need ..."
+            else:
+                assert f"`{opt.name}`" in rows[family], (family, opt.name)
