@@ -176,14 +176,15 @@ def test_the_subset_bound_is_the_prepared_training_split(tmp_path):
     n_train = load_prepared(prepare("sklearn-digits", root=tmp_path)).x_train.shape[0]
     config = load("test.yaml")
     config["datasets"]["digits"]["subset"] = n_train
-    study.check_config(config, deep=False)
+    study.check_data(config)
     config["datasets"]["digits"]["subset"] = n_train + 1
+    study.check_data(config, read_sources=False)  # what a job re-reading the config skips
     with pytest.raises(ConfigError, match=f"training split of sklearn-digits has {n_train}"):
-        study.check_config(config, deep=False)
+        study.check_data(config)
     config["datasets"]["digits"].update(subset=None, test_fraction=0.5)
     config["studies"]["tiny"]["grid"]["subset"] = [n_train]  # the split is smaller now
     with pytest.raises(ConfigError) as err:
-        study.check_config(config, deep=False)
+        study.check_config(config)
     assert err.value.key == "studies.tiny.grid.subset[0]"
 
 

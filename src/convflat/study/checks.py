@@ -50,7 +50,7 @@ def check_config(config: Mapping[str, Any], *, deep: bool = True,
         raise ConfigError("validation.study", f"{val['study']!r} is not one of the studies "
                                               f"{sorted(config['studies'])}")
     check_training(config)
-    check_data(config)
+    check_data(config, read_sources=deep)
     if deep:
         check_measures(config)
         check_models(config)
@@ -81,14 +81,15 @@ def check_training(config: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------- data sizes
 
 
-def _train_split(source: Any, test_fraction: float) -> int | None:
+def _train_split(source: Any, test_fraction: float, read_sources: bool) -> int | None:
     """The number of training images of a built-in source before any subset: the official
     training split, or for a source split at random (the 8 x 8 digits) what
     :func:`convflat.data.prepare` keeps of it, ``n_c - round(test_fraction * n_c)`` per class
-    (the class sizes are read from scikit-learn: no torch). None when unknown."""
+    (the class sizes are read from scikit-learn, no torch, only with ``read_sources``: the
+    import takes seconds). None when unknown."""
     if source.split != "random":
         return source.n_images
-    if source.name != "sklearn-digits":
+    if source.name != "sklearn-digits" or not read_sources:
         return None
     from collections import Counter
 
@@ -98,12 +99,13 @@ def _train_split(source: Any, test_fraction: float) -> int | None:
     return sum(n - round(test_fraction * n) for n in sizes)
 
 
-def check_data(config: Mapping[str, Any]) -> None:
+def check_data(config: Mapping[str, Any], *, read_sources: bool = True) -> None:
     """Every training-set size a config asks for (a dataset's ``subset``, a grid's
     ``subset`` values) holds at least one image per class and no more images than the
-    source's training split. Sources of the user's files (``npz:``, ``folder:``) are not
-    read here; :func:`convflat.data.prepare` checks them. Raises :class:`ConfigError`
-    naming the key (``datasets.<d>.subset``, ``studies.<s>.grid.subset[i]``)."""
+    source's training split (for a source split at random, only with ``read_sources``).
+    Sources of the user's files (``npz:``, ``folder:``) are not read here;
+    :func:`convflat.data.prepare` checks them. Raises :class:`ConfigError` naming the key
+    (``datasets.<d>.subset``, ``studies.<s>.grid.subset[i]``)."""
     sizes: list[tuple[str, str, int]] = []  # (config key, dataset key, size)
     for key, ds in config["datasets"].items():
         if ds.get("subset") is not None:
@@ -122,7 +124,7 @@ def check_data(config: Mapping[str, Any]) -> None:
             raise ConfigError(where, f"{size} training images are fewer than the "
                                      f"{source.classes} classes of {source.name}")
         if key not in splits:
-            splits[key] = _train_split(source, ds["test_fraction"])
+            splits[key] = _train_split(source, ds["test_fraction"], read_sources)
         if splits[key] is not None and size > splits[key]:
             raise ConfigError(where, f"{size} training images, but the training split of "
                                      f"{source.name} has {splits[key]}")
