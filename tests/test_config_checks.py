@@ -170,19 +170,23 @@ def test_a_model_value_of_the_wrong_type_names_its_key():
 
 def test_the_subset_bound_is_the_prepared_training_split(tmp_path):
     """The largest subset the check lets through is the training split that
-    data.prepare makes (1438 of the 1797 digits at the default test share)."""
+    data.prepare makes (1438 of the 1797 digits at the default test share, 899 at 0.5)."""
     from convflat.data import load_prepared, prepare
 
-    n_train = load_prepared(prepare("sklearn-digits", root=tmp_path)).x_train.shape[0]
+    def n_train(fraction):
+        path = prepare("sklearn-digits", root=tmp_path, test_fraction=fraction)
+        return load_prepared(path).x_train.shape[0]
+
     config = load("test.yaml")
-    config["datasets"]["digits"]["subset"] = n_train
-    study.check_data(config)
-    config["datasets"]["digits"]["subset"] = n_train + 1
-    study.check_data(config, read_sources=False)  # what a job re-reading the config skips
-    with pytest.raises(ConfigError, match=f"training split of sklearn-digits has {n_train}"):
+    for fraction in (0.2, 0.5):
+        n = n_train(fraction)
+        config["datasets"]["digits"].update(subset=n, test_fraction=fraction)
         study.check_data(config)
-    config["datasets"]["digits"].update(subset=None, test_fraction=0.5)
-    config["studies"]["tiny"]["grid"]["subset"] = [n_train]  # the split is smaller now
+        config["datasets"]["digits"]["subset"] = n + 1
+        with pytest.raises(ConfigError, match=f"training split of sklearn-digits has {n}$"):
+            study.check_data(config)
+    config["datasets"]["digits"]["subset"] = None
+    config["studies"]["tiny"]["grid"]["subset"] = [n_train(0.2)]  # more than 0.5 leaves
     with pytest.raises(ConfigError) as err:
         study.check_config(config)
     assert err.value.key == "studies.tiny.grid.subset[0]"

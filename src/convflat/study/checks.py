@@ -50,7 +50,7 @@ def check_config(config: Mapping[str, Any], *, deep: bool = True,
         raise ConfigError("validation.study", f"{val['study']!r} is not one of the studies "
                                               f"{sorted(config['studies'])}")
     check_training(config)
-    check_data(config, read_sources=deep)
+    check_data(config)
     if deep:
         check_measures(config)
         check_models(config)
@@ -81,29 +81,45 @@ def check_training(config: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------- data sizes
 
 
-def _train_split(source: Any, test_fraction: float, read_sources: bool) -> int | None:
+def _train_split(source: Any, test_fraction: float) -> int | None:
     """The number of training images of a built-in source before any subset: the official
     training split, or for a source split at random (the 8 x 8 digits) what
     :func:`convflat.data.prepare` keeps of it, ``n_c - round(test_fraction * n_c)`` per class
-    (the class sizes are read from scikit-learn, no torch, only with ``read_sources``: the
-    import takes seconds). None when unknown."""
+    (no torch). None when unknown."""
     if source.split != "random":
         return source.n_images
-    if source.name != "sklearn-digits" or not read_sources:
+    if source.name != "sklearn-digits":
         return None
-    from collections import Counter
-
-    from sklearn.datasets import load_digits
-
-    sizes = Counter(load_digits().target.tolist()).values()
+    sizes = _digits_class_sizes()
     return sum(n - round(test_fraction * n) for n in sizes)
 
 
-def check_data(config: Mapping[str, Any], *, read_sources: bool = True) -> None:
+def _digits_class_sizes() -> list[int]:
+    """Images per class of scikit-learn's digits, from the label column of the file that
+    ``sklearn.datasets.load_digits`` reads (importing scikit-learn takes seconds; reading
+    the file, milliseconds), else from ``load_digits`` itself."""
+    import csv
+    import gzip
+    import importlib.util
+    from collections import Counter
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0], "datasets", "data", "digits.csv.gz") if locations else None
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt") as f:
+            labels = [row[-1] for row in csv.reader(f) if row]
+        return list(Counter(int(float(v)) for v in labels).values())
+    from sklearn.datasets import load_digits
+
+    return list(Counter(load_digits().target.tolist()).values())
+
+
+def check_data(config: Mapping[str, Any]) -> None:
     """Every training-set size a config asks for (a dataset's ``subset``, a grid's
     ``subset`` values) holds at least one image per class and no more images than the
-    source's training split (for a source split at random, only with ``read_sources``).
-    Sources of the user's files (``npz:``, ``folder:``) are not read here;
+    source's training split. Sources of the user's files (``npz:``, ``folder:``) are not read here;
     :func:`convflat.data.prepare` checks them. Raises :class:`ConfigError` naming the key
     (``datasets.<d>.subset``, ``studies.<s>.grid.subset[i]``)."""
     sizes: list[tuple[str, str, int]] = []  # (config key, dataset key, size)
@@ -124,7 +140,7 @@ def check_data(config: Mapping[str, Any], *, read_sources: bool = True) -> None:
             raise ConfigError(where, f"{size} training images are fewer than the "
                                      f"{source.classes} classes of {source.name}")
         if key not in splits:
-            splits[key] = _train_split(source, ds["test_fraction"], read_sources)
+            splits[key] = _train_split(source, ds["test_fraction"])
         if splits[key] is not None and size > splits[key]:
             raise ConfigError(where, f"{size} training images, but the training split of "
                                      f"{source.name} has {splits[key]}")
