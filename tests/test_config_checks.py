@@ -82,7 +82,7 @@ def _set(path, value):
          "config key 'studies.tiny.measure.params.pacbayes_flatness': parameters for measure "
          "'pacbayes_flatness', which studies.tiny.measure.names does not compute"),
         (_set(["studies", "tiny", "measure", "params"], {"hutchinson_trace": {"max_samples": 0}}),
-         "config key 'studies.tiny.measure.params.hutchinson_trace': measure "
+         "config key 'studies.tiny.measure.params.hutchinson_trace.max_samples': measure "
          "'hutchinson_trace': max_samples must be a positive integer, got 0"),
         (_set(["validation", "cost", "names"], ["conv_trace", "bar"]),
          "config key 'validation.cost.names[1]': unknown measure 'bar'"),
@@ -91,12 +91,147 @@ def _set(path, value):
     ],
 )
 def test_config_mistakes_name_the_key(mutate, message):
-    config = yaml.safe_load((REPO / "config/test.yaml").read_text())
+    """The checks on their own: the mistake is made after the schema has validated the
+    config (the schema catches some of them first, e.g. a batchnorm that is no boolean)."""
+    config = load("test.yaml")
     mutate(config)
-    validate(config, SCHEMA)
     with pytest.raises(ConfigError) as err:
         study.check_config(config)
     assert message in str(err.value)
+
+
+PROBES = "studies.tiny.measure.params.hutchinson_trace.probes"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "message"),
+    [
+        (_set(["studies", "tiny", "measure", "params", "hutchinson_trace", "probes"], 0),
+         PROBES, "probes must be a positive integer, got 0"),
+        (_set(["studies", "tiny", "measure", "params", "hutchinson_trace", "probes"], -4),
+         PROBES, "probes must be a positive integer, got -4"),
+        (_set(["studies", "tiny", "measure", "params", "hutchinson_trace", "probes"], "many"),
+         PROBES, "probes must be a positive integer, got 'many'"),
+        (_set(["studies", "tiny", "measure", "params", "hutchinson_trace", "probes"], 2.5),
+         PROBES, "probes must be a positive integer, got 2.5"),
+        (_set(["studies", "tiny", "measure", "params", "hutchinson_trace", "distribution"],
+              "uniform"),
+         "studies.tiny.measure.params.hutchinson_trace.distribution",
+         "distribution must be one of ('rademacher', 'normal'), got 'uniform'"),
+        (_set(["validation", "cost", "params"], {"frobenius_norm": {"fold_bn": "yes"}}),
+         "validation.cost.params.frobenius_norm.fold_bn",
+         "fold_bn must be true or false, got 'yes'"),
+        (_set(["studies", "tiny", "grid", "subset"], [64, 5]),
+         "studies.tiny.grid.subset[1]", "5 training images are fewer than the 10 classes"),
+        (_set(["datasets", "digits", "subset"], 9),
+         "datasets.digits.subset", "9 training images are fewer than the 10 classes"),
+        (_set(["datasets", "digits", "subset"], 5000),
+         "datasets.digits.subset", "5000 training images, but the training split of "
+                                   "sklearn-digits has 1438"),
+        (_set(["studies", "tiny", "model", "dropout"], 1.5),
+         "studies.tiny.model.dropout", "spec key 'dropout' must be a number in [0, 1), got 1.5"),
+        (_set(["studies", "tiny", "model", "max_downsample"], -1),
+         "studies.tiny.model.max_downsample", "must be a non-negative integer, got -1"),
+    ],
+)
+def test_values_are_checked_at_load_naming_the_key(mutate, key, message):
+    """A parameter value, a data size or a spec value that the run would refuse (or, for
+    a measure parameter, record as a failed measure in every run) fails the check, and the
+    key travels with the exception (``err.key``), not only in its text."""
+    config = load("test.yaml")
+    mutate(config)  # after the schema (which catches some of these first)
+    with pytest.raises(ConfigError) as err:
+        study.check_config(config)
+    assert err.value.key == key
+    assert f"config key '{key}': " in str(err.value)
+    assert message in str(err.value)
+
+
+def test_a_model_value_of_the_wrong_type_names_its_key():
+    """``model.dropout: "high"``: the schema names the key; so does the check on its own
+    (which used to name only the model block)."""
+    from snakemake.exceptions import WorkflowError
+
+    config = load("test.yaml")
+    config["studies"]["tiny"]["model"]["dropout"] = "high"
+    with pytest.raises(WorkflowError) as err:
+        validate(config, SCHEMA)
+    assert "On instance['studies']['tiny']['model']['dropout']" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        study.check_config(config)
+    assert err.value.key == "studies.tiny.model.dropout"
+    assert "must be a number in [0, 1), got 'high'" in str(err.value)
+    config["studies"]["tiny"]["model"]["dropout"] = 0.0
+    config["studies"]["tiny"]["grid"]["dropout"] = [0.0, 1.0]
+    with pytest.raises(ConfigError) as err:
+        study.check_config(config)
+    assert err.value.key == "studies.tiny.grid.dropout"
+
+
+def test_the_subset_bound_is_the_prepared_training_split(tmp_path):
+    """The largest subset the check lets through is the training split that
+    data.prepare makes (1438 of the 1797 digits at the default test share, 899 at 0.5)."""
+    from convflat.data import load_prepared, prepare
+
+    def n_train(fraction):
+        path = prepare("sklearn-digits", root=tmp_path, test_fraction=fraction)
+        return load_prepared(path).x_train.shape[0]
+
+    config = load("test.yaml")
+    for fraction in (0.2, 0.5):
+        n = n_train(fraction)
+        config["datasets"]["digits"].update(subset=n, test_fraction=fraction)
+        study.check_data(config)
+        config["datasets"]["digits"]["subset"] = n + 1
+        with pytest.raises(ConfigError, match=f"training split of sklearn-digits has {n}$"):
+            study.check_data(config)
+    config["datasets"]["digits"]["subset"] = None
+    config["studies"]["tiny"]["grid"]["subset"] = [n_train(0.2)]  # more than 0.5 leaves
+    with pytest.raises(ConfigError) as err:
+        study.check_config(config)
+    assert err.value.key == "studies.tiny.grid.subset[0]"
+
+
+def test_a_cuda_device_needs_cuda_here(monkeypatch):
+    import torch
+
+    config = load("test.yaml")
+    config["device"] = "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="'device': 'cuda', but this machine has no CUDA") \
+            as err:
+        study.check_config(config)
+    assert err.value.key == "device"
+    study.check_config(config, device_here=False)  # the jobs run elsewhere (SLURM)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    study.check_config(config)
+    config["device"] = "cuda:1"
+    with pytest.raises(ConfigError, match="'cuda:1', but this machine has 1 CUDA device "):
+        study.check_config(config)
+
+
+REPO_SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key"),
+    [
+        (["studies", "tiny", "measure", "params", "hutchinson_trace", "probes"], 0, PROBES),
+        (["studies", "tiny", "grid", "subset"], [5], "studies.tiny.grid.subset[0]"),
+        (["studies", "tiny", "model", "dropout"], "high", "studies.tiny.model.dropout"),
+    ],
+)
+def test_the_dry_run_fails_naming_the_key(tmp_path, path, value, key):
+    config = yaml.safe_load((REPO / "config/test.yaml").read_text())
+    _set(path, value)(config)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([*REPO_SNAKEMAKE, "-n", "--cores", "1", "--configfile", str(bad)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"config key '{key}': " in proc.stdout + proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_wrong_grid_value_names_the_grid_axis():
@@ -277,3 +412,39 @@ def test_training_settings_between_fields_name_the_key():
     with pytest.raises(ConfigError, match="'studies.tiny.train.nesterov': TrainConfig.nesterov "
                                           "needs optimizer='sgd'"):
         study.check_config(config)
+
+
+def test_every_measure_parameter_declares_its_type():
+    """The registry knows each parameter's type (from its Param, or its default's) and
+    each default lies in its own declared range."""
+    from convflat.measures import MEASURES
+
+    for name, measure in MEASURES.items():
+        for param, spec in measure.params.items():
+            assert spec.kind in ("int", "float", "str", "bool"), (name, param)
+            assert spec.accepts(spec.default), (name, param, spec.default)
+
+
+@pytest.mark.parametrize(
+    ("declared", "good", "bad", "words"),
+    [
+        (dict(default=6, minimum=1), [1, 6, 6.0], [0, -4, "many", 2.5, True, None],
+         "a positive integer"),
+        (dict(default=0.1, above=0, maximum=1), [1, 0.5, 1e-9], [0, -0.1, 1.5, "x"],
+         "a number in (0, 1]"),
+        (dict(default=0.0, minimum=0), [0, 3.5], [-1e-9, float("nan")], "a number >= 0"),
+        (dict(default="l2", choices=("l2", "linf")), ["linf"], ["l1", 2],
+         "one of ('l2', 'linf')"),
+        (dict(default=True), [False], ["yes", 1], "true or false"),
+        (dict(default=None, kind="int", minimum=1, nullable=True), [None, 3], [0],
+         "a positive integer"),
+    ],
+)
+def test_param_ranges(declared, good, bad, words):
+    """Param.accepts and describe, value by value (the rule written out by hand)."""
+    from convflat.measures.base import Param
+
+    p = Param(**declared)
+    assert all(p.accepts(v) for v in good), [v for v in good if not p.accepts(v)]
+    assert not any(p.accepts(v) for v in bad), [v for v in bad if p.accepts(v)]
+    assert p.describe() == words

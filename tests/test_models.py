@@ -192,3 +192,125 @@ def test_load_checkpoint_errors(tmp_path):
                tmp_path / "badspec.pt")
     with pytest.raises(ValueError, match=r"badspec.pt: spec key 'in_channels' is required"):
         load_checkpoint(tmp_path / "badspec.pt")
+
+
+# ------------------------------------------------------------------ typed specs, one source
+
+
+def test_schema_model_block_is_the_spec_dataclasses():
+    """The workflow schema's model block lists every key of every family's dataclass,
+    with its type and range, and documents each."""
+    from pathlib import Path
+
+    import yaml
+
+    from convflat.model_spec import schema_properties
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1]
+                             / "workflow/schemas/config.schema.yaml").read_text())
+    block = schema["properties"]["studies"]["additionalProperties"]["properties"]["model"]
+    props = block["properties"]
+    assert {k: {kk: vv for kk, vv in v.items() if kk != "description"}
+            for k, v in props.items()} == schema_properties()
+    assert all(p.get("description") for p in props.values())
+
+
+def test_cli_model_flags_are_the_spec_keys():
+    """``convflat train`` has one flag per spec key (the data's keys aside), parsed to the
+    key's type."""
+    from convflat.cli import train as cli_train
+    from convflat.cli._args import model_flags
+    from convflat.model_spec import DATA_KEYS, FAMILIES, options
+
+    keys = {o.name for f in FAMILIES for o in options(f)} - set(DATA_KEYS)
+    assert {key for key, _ in model_flags().values()} == keys
+    assert cli_train.MODEL_FLAGS.keys() == model_flags().keys()
+    import argparse
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers()
+    cli_train.register(sub)
+    args = p.parse_args(["train", "--data", "digits", "--out", "x", "--family", "gapcnn",
+                         "--no-batchnorm", "--dropout", "0.25", "--max-downsample", "1"])
+    assert cli_train.build_spec(args) == {"family": "gapcnn", "batchnorm": False,
+                                          "dropout": 0.25, "max_downsample": 1}
+
+
+def test_spec_defaults_build_the_documented_nets():
+    """The dataclass defaults are the nets docs/training.md describes: gapcnn 4 convs,
+    32 channels first (x2 per downsampling, 3 steps on 32 x 32); resnet 20: 19 convs in
+    the trunk plus 2 projection shortcuts, 16 channels first."""
+    torch.manual_seed(0)
+    gap = build_model({"family": "gapcnn", "in_channels": 3, "num_classes": 10})
+    convs = [m for m in gap.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 256]
+    assert [c.stride[0] for c in convs] == [1, 2, 2, 2]
+    res = build_model({"family": "resnet", "in_channels": 3, "num_classes": 10})
+    convs = [m for m in res.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 19 + 2 and convs[0].out_channels == 16
+    assert res.spec["width"] == 16
+    assert build_model({"family": "resnet", "depth": 10, "in_channels": 3,
+                        "num_classes": 10}).spec["width"] == 64
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "message"),
+    [
+        ({"dropout": "high"}, "dropout", "spec key 'dropout' must be a number in [0, 1), "
+                                         "got 'high'"),
+        ({"dropout": 1.0}, "dropout", "must be a number in [0, 1), got 1.0"),
+        ({"width": 0}, "width", "spec key 'width' must be a positive integer, got 0"),
+        ({"width": 2.5}, "width", "must be a positive integer, got 2.5"),
+        ({"batchnorm": 1}, "batchnorm", "spec key 'batchnorm' must be true or false"),
+        ({"activation": "tanh"}, "activation", "must be one of ('relu', 'gelu', 'silu')"),
+        ({"image_size": [8]}, "image_size", "must be an int or [H, W], got [8]"),
+        ({"max_downsample": -1}, "max_downsample", "must be a non-negative integer"),
+        ({"preact": True}, "preact", "spec key 'preact' is not a gapcnn option"),
+        ({"family": "vgg"}, "family", "spec key 'family' must be one of"),
+        ({"num_classes": None}, "num_classes", "spec key 'num_classes' is required"),
+    ],
+)
+def test_spec_errors_carry_their_key(change, key, message):
+    from convflat.errors import OptionError
+
+    spec = {"family": "gapcnn", **DIGITS, **change}
+    with pytest.raises(OptionError) as err:
+        normalize_spec(spec)
+    assert err.value.key == key
+    assert message in str(err.value)
+
+
+def test_resnet_depth_error_carries_its_key():
+    from convflat.errors import OptionError
+
+    with pytest.raises(OptionError, match="6n\\+2") as err:
+        normalize_spec({"family": "resnet", "depth": 21, **DIGITS})
+    assert err.value.key == "depth"
+
+
+def test_model_spec_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, convflat.model_spec as m, convflat.cli._args as a; a.model_flags(); "
+            "m.normalize({'family': 'gapcnn', 'in_channels': 1, 'num_classes': 2}); "
+            "assert 'torch' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_training_doc_names_every_spec_key():
+    """docs/training.md's table of families names every key of each family's dataclass."""
+    from pathlib import Path
+
+    from convflat.model_spec import FAMILIES, options
+
+    doc = (Path(__file__).resolve().parents[1] / "docs/training.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines()
+            if line.startswith("| `")}
+    for family in FAMILIES:
+        for opt in options(family):
+            if opt.name in ("in_channels", "num_classes"):
+                assert f"`{opt.name}`" in doc  # "All specs also need ..."
+            else:
+                assert f"`{opt.name}`" in rows[family], (family, opt.name)

@@ -152,24 +152,26 @@ def test_run_ids_format_and_parse():
 
 def test_repeated_value_is_a_config_error():
     config = tiny_config({"weight_decay": [0.001, 1e-3]})
-    with pytest.raises(ConfigError, match="'studies.s.grid' gives run id 'wd~0.001' twice"):
+    with pytest.raises(ConfigError, match="'studies.s.grid': gives run id 'wd~0.001' twice") \
+            as err:
         study.expand_studies(config)
+    assert err.value.key == "studies.s.grid"
 
 
 @pytest.mark.parametrize(
-    ("mutate", "message"),
+    ("mutate", "key", "message"),
     [
-        (lambda c: c["studies"]["s"].update(dataset="nope"),
+        (lambda c: c["studies"]["s"].update(dataset="nope"), "studies.s.dataset",
          "config key 'studies.s.dataset': 'nope' is not one of datasets ['d']"),
-        (lambda c: c["datasets"]["d"].update(source="imagenet"),
+        (lambda c: c["datasets"]["d"].update(source="imagenet"), "datasets.d.source",
          "config key 'datasets.d.source': 'imagenet' is not a known source"),
-        (lambda c: c["studies"]["s"].update(false_friend=True),
-         "'studies.s.false_friend' is true, but studies.s.grid has no 'weight_decay'"),
-        (lambda c: c["validation"].update(study="t"),
+        (lambda c: c["studies"]["s"].update(false_friend=True), "studies.s.false_friend",
+         "'studies.s.false_friend': true, but studies.s.grid has no 'weight_decay'"),
+        (lambda c: c["validation"].update(study="t"), "validation.study",
          "config key 'validation.study': 't' is not one of the studies ['s']"),
     ],
 )
-def test_check_config_names_the_key(mutate, message):
+def test_check_config_names_the_key(mutate, key, message):
     config = tiny_config({"seed": [0, 1]})
     study.check_config(config)
     bad = copy.deepcopy(config)
@@ -177,6 +179,7 @@ def test_check_config_names_the_key(mutate, message):
     with pytest.raises(ConfigError) as err:
         study.check_config(bad)
     assert message in str(err.value)
+    assert err.value.key == key
 
 
 def test_sources_by_alias_and_user_files_pass_the_check():
@@ -259,3 +262,25 @@ def test_code_version():
     import convflat
 
     assert study.code_version("train") == f"convflat-{convflat.__version__}/train-1"
+
+
+@pytest.mark.parametrize(
+    ("spec", "hw", "channels", "classes"),
+    [({"family": "gapcnn", "width": 8, "depth": 3}, (8, 8), 1, 10),
+     ({"family": "gapcnn", "width": 16, "depth": 5, "batchnorm": False}, (32, 32), 3, 10),
+     ({"family": "resnet", "depth": 8, "width": 4, "preact": True}, (32, 32), 3, 100)],
+)
+def test_forward_flops_agree_with_torchs_flop_counter(spec, hw, channels, classes):
+    """The one FLOP counter (the estimate's, and bench gpu's cost model) against torch's
+    own FlopCounterMode on the same model: 2 flops per multiply-add of every conv and
+    linear layer."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from convflat.models import build_model
+
+    full = {**spec, "in_channels": channels, "num_classes": classes, "image_size": list(hw)}
+    model = build_model(full).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, channels, *hw))
+    assert study.forward_flops(spec, hw, channels, classes) == counter.get_total_flops()

@@ -10,7 +10,8 @@ so that the last convolution feeds global average pooling and a linear classifie
 is channel-wise, and every forward is traceable by ``torch.fx.symbolic_trace`` (no
 data-dependent Python control flow), because head detection traces the model.
 
-A spec is a JSON-ready dict ``{"family": ..., "in_channels": C, "num_classes": K, ...}``;
+A spec is a JSON-ready dict ``{"family": ..., "in_channels": C, "num_classes": K, ...}``
+whose keys are declared once, per family, by the dataclasses of :mod:`convflat.model_spec`;
 :func:`normalize_spec` fills in the defaults so that the spec saved in a checkpoint rebuilds
 the model without the config that made it. Families:
 
@@ -49,111 +50,36 @@ from typing import Any
 import torch
 from torch import nn
 
+from convflat import model_spec
+from convflat.errors import OptionError
 from convflat.io import atomic_torch_save
+from convflat.model_spec import FAMILIES, resnet_stages
+
+__all__ = ["ACTIVATIONS", "FAMILIES", "MODEL_FORMAT", "build_model", "check_head",
+           "checkpoint_dict", "gapcnn_plan", "load_checkpoint", "load_state", "load_torch_file",
+           "normalize_spec", "resnet_stages", "save_checkpoint"]
 
 MODEL_FORMAT = "convflat-model/1"
-FAMILIES = ("gapcnn", "resnet", "torchvision")
+#: activation name (:data:`convflat.model_spec.ACTIVATIONS`) -> module
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
-# family -> the keys its spec may hold, with defaults (None: required or depth-dependent)
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gapcnn": {
-        "in_channels": None, "num_classes": None,
-        "image_size": [32, 32],    # (H, W) pixels the net is built for (sets the downsampling)
-        "width": 32,               # channels of the first stage; x2 at each downsampling
-        "depth": 4,                # number of 3 x 3 conv layers (>= 1)
-        "batchnorm": True,         # BatchNorm after every conv (the conv bias is then dropped)
-        "dropout": 0.0,            # dropout probability after each activation but the last
-        "activation": "relu",      # relu | gelu | silu
-        "max_downsample": 3,       # at most this many stride-2 steps
-        "min_size": 2,             # never downsample below this many pixels per side
-    },
-    "resnet": {
-        "in_channels": None, "num_classes": None,
-        "image_size": [32, 32],
-        "depth": 20,               # 6n+2, or 10 / 18 / 34
-        "width": None,             # channels of the first stage (16 for 6n+2, 64 otherwise)
-        "preact": False,           # pre-activation blocks (He et al. 2016)
-        "activation": "relu",
-        "min_size": 2,
-    },
-    "torchvision": {"in_channels": None, "num_classes": None, "arch": None},
-}
-
-
 # --------------------------------------------------------------------------------------------
-# Specs
+# Specs: the keys of each family are the dataclasses of convflat.model_spec
 # --------------------------------------------------------------------------------------------
 
 
 def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Check ``spec`` and return a complete copy (every default filled in, JSON-ready).
 
-    Raises ValueError naming the offending key: unknown family, unknown key, missing required
+    The keys, types, ranges and defaults are those of the family's dataclass in
+    :mod:`convflat.model_spec`. Raises :class:`convflat.errors.OptionError` (a ValueError)
+    whose ``key`` is the offending spec key: unknown family, unknown key, missing required
     key (``in_channels``, ``num_classes``; ``arch`` for torchvision), or a bad value.
     """
-    if not isinstance(spec, dict):
-        raise TypeError(f"a model spec must be a dict, got {type(spec).__name__}")
-    family = spec.get("family")
-    if family not in FAMILIES:
-        raise ValueError(f"spec key 'family' must be one of {FAMILIES}, got {family!r}")
-    defaults = _DEFAULTS[family]
-    unknown = sorted(set(spec) - set(defaults) - {"family"})
-    if unknown:
-        raise ValueError(f"spec key {unknown[0]!r} is not a {family} option "
-                         f"(options: {', '.join(defaults)})")
-    out: dict[str, Any] = {"family": family}
-    for key, default in defaults.items():
-        value = spec.get(key, default)
-        if value is None and key in ("in_channels", "num_classes", "arch"):
-            raise ValueError(f"spec key {key!r} is required for family {family}")
-        out[key] = value
-    for key in ("in_channels", "num_classes"):
-        out[key] = _positive_int(out[key], key)
-    if family == "torchvision":
+    out = model_spec.normalize(spec)
+    if out["family"] == "torchvision":
         _check_arch(out["arch"])
-        return out
-    out["image_size"] = _pair(out["image_size"])
-    out["min_size"] = _positive_int(out["min_size"], "min_size")
-    out["depth"] = _positive_int(out["depth"], "depth")
-    if out["activation"] not in ACTIVATIONS:
-        raise ValueError(f"spec key 'activation' must be one of {tuple(ACTIVATIONS)}, "
-                         f"got {out['activation']!r}")
-    if family == "gapcnn":
-        out["width"] = _positive_int(out["width"], "width")
-        out["max_downsample"] = int(out["max_downsample"])
-        out["batchnorm"] = _bool(out["batchnorm"], "batchnorm")
-        out["dropout"] = float(out["dropout"])
-        if not 0.0 <= out["dropout"] < 1.0:
-            raise ValueError(f"spec key 'dropout' must be in [0, 1), got {out['dropout']}")
-    else:
-        resnet_stages(out["depth"])  # validates depth
-        out["preact"] = _bool(out["preact"], "preact")
-        if out["width"] is None:
-            out["width"] = 16 if len(resnet_stages(out["depth"])) == 3 else 64
-        out["width"] = _positive_int(out["width"], "width")
     return out
-
-
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
-            or int(value) < 1:
-        raise ValueError(f"spec key {key!r} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _bool(value: Any, key: str) -> bool:
-    if value is True or value is False:
-        return value
-    raise ValueError(f"spec key {key!r} must be true or false, got {value!r}")
-
-
-def _pair(value: Any) -> list[int]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value, value]
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ValueError(f"spec key 'image_size' must be an int or [H, W], got {value!r}")
-    return [_positive_int(v, "image_size") for v in value]
 
 
 def _check_arch(arch: Any) -> None:
@@ -161,8 +87,8 @@ def _check_arch(arch: Any) -> None:
 
     names = tvm.list_models(module=tvm)
     if arch not in names:
-        raise ValueError(f"spec key 'arch': {arch!r} is not a torchvision classification "
-                         f"model (e.g. resnet18, resnet50, mobilenet_v2)")
+        raise OptionError("arch", f"spec key 'arch': {arch!r} is not a torchvision "
+                                  "classification model (e.g. resnet18, resnet50, mobilenet_v2)")
 
 
 def downsampled(size: int) -> int:
@@ -193,17 +119,6 @@ def gapcnn_plan(spec: dict[str, Any]) -> list[tuple[int, int, int]]:
             plan.append((c_in, c_out, 2 if (s > 0 and i == 0) else 1))
             c_in = c_out
     return plan
-
-
-def resnet_stages(depth: int) -> list[int]:
-    """BasicBlocks per stage: 6n+2 -> [n, n, n]; 10, 18, 34 -> four stages."""
-    fixed = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
-    if depth in fixed:
-        return fixed[depth]
-    if depth >= 8 and (depth - 2) % 6 == 0:
-        return [(depth - 2) // 6] * 3
-    raise ValueError(f"spec key 'depth': a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, ...) or "
-                     f"10, 18, 34, got {depth}")
 
 
 # --------------------------------------------------------------------------------------------

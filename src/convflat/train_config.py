@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from convflat.data import Prepared
+from convflat.errors import OptionError
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
+
+
+class _Augmented(Protocol):
+    """What :meth:`TrainConfig.resolve` reads of a dataset (a :class:`convflat.data.Prepared`
+    has it): its default augmentation, ``{"crop_padding": int, "flip": bool}``."""
+
+    @property
+    def augment(self) -> Mapping[str, Any]: ...
 
 
 def _option(default: Any, help: str, **meta: Any) -> Any:
@@ -78,7 +86,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
-            raise ValueError(f"TrainConfig.{key} {why}, got {getattr(self, key)!r}")
+            raise OptionError(key, f"TrainConfig.{key} {why}, got {getattr(self, key)!r}")
 
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -120,18 +128,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from a plain dict (JSON/YAML); an unknown key is an error naming it."""
+        """Build from a plain dict (JSON/YAML); an unknown key or a bad value is an
+        :class:`convflat.errors.OptionError` (a ValueError) whose ``key`` is the field."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown training option {unknown[0]!r} "
-                             f"(options: {', '.join(sorted(names))})")
+            raise OptionError(unknown[0], f"unknown training option {unknown[0]!r} "
+                              f"(options: {', '.join(sorted(names))})")
         d = dict(d)
         if "step_milestones" in d:
             d["step_milestones"] = tuple(float(m) for m in d["step_milestones"])
         return cls(**d)
 
-    def resolve(self, prepared: Prepared) -> TrainConfig:
+    def resolve(self, prepared: _Augmented) -> TrainConfig:
         """A copy with ``crop_padding`` and ``flip`` taken from the dataset when None."""
         aug = prepared.augment
         return dataclasses.replace(

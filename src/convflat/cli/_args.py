@@ -63,6 +63,46 @@ def device(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Model flags, from the spec dataclasses of convflat.model_spec (no torch)
+# --------------------------------------------------------------------------------------------
+
+
+def model_flags() -> dict[str, tuple[str, dict]]:
+    """``{flag: (spec key, argparse kwargs)}`` for every key of a model spec of any family
+    but those the data set (channels, classes, image size): ``--width``, ``--depth``,
+    ``--batchnorm/--no-batchnorm``, ``--dropout``, ... Each flag's type follows the key's
+    kind and its help names the families that have the key, with their help."""
+    from convflat.model_spec import DATA_KEYS, FAMILIES, options
+
+    keys: dict[str, list] = {}
+    for family in FAMILIES:
+        for opt in options(family):
+            if opt.name not in DATA_KEYS:
+                keys.setdefault(opt.name, []).append((family, opt))
+    out: dict[str, tuple[str, dict]] = {}
+    for key, owners in keys.items():
+        opt = owners[0][1]
+        by_help: dict[str, list[str]] = {}
+        for family, o in owners:
+            default = "" if o.default is None else f" (default {str(o.default).lower()})"
+            by_help.setdefault(o.help + default, []).append(family)
+        help_text = "; ".join(f"{', '.join(fams)}: {h}" for h, fams in by_help.items())
+        kw: dict = {"help": help_text.replace("%", "%%")}
+        if opt.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif opt.kind == "int":
+            kw.update(type=non_negative_int if opt.minimum == 0 else positive_int, metavar="N")
+        elif opt.kind == "float":
+            kw.update(type=float, metavar="X")
+        elif opt.choices:
+            kw["choices"] = list(opt.choices)
+        else:
+            kw["metavar"] = "NAME"
+        out["--" + key.replace("_", "-")] = (key, kw)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Output paths, checked before any work
 # --------------------------------------------------------------------------------------------
 

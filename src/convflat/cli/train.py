@@ -35,22 +35,18 @@ from pathlib import Path
 from typing import Any
 
 from convflat.cli import CLIError
-from convflat.cli._args import check_output_dir, device, non_negative_int, positive_int
+from convflat.cli._args import (
+    check_output_dir,
+    device,
+    model_flags,
+    non_negative_int,
+    positive_int,
+)
 from convflat.cli.prepare import add_data_arguments, load_data
 
-MODEL_FLAGS = {  # flag -> (spec key, argparse kwargs)
-    "--width": ("width", {"type": positive_int, "help": "channels of the first stage"}),
-    "--depth": ("depth", {"type": positive_int,
-                          "help": "gapcnn: conv layers; resnet: 6n+2, 10, 18, 34"}),
-    "--batchnorm": ("batchnorm", {"action": argparse.BooleanOptionalAction,
-                                  "help": "gapcnn: BatchNorm after each conv (default on)"}),
-    "--dropout": ("dropout", {"type": float, "help": "gapcnn: dropout probability"}),
-    "--activation": ("activation", {"choices": ["relu", "gelu", "silu"]}),
-    "--preact": ("preact", {"action": argparse.BooleanOptionalAction,
-                            "help": "resnet: pre-activation blocks"}),
-    "--arch": ("arch", {"help": "torchvision architecture (resnet18, resnet50, mobilenet_v2, "
-                                "...; not vgg, squeezenet, densenet: see --no-check-head)"}),
-}
+#: flag -> (spec key, argparse kwargs): one flag per key of the spec dataclasses of
+#: :mod:`convflat.model_spec` (the data's keys aside)
+MODEL_FLAGS = model_flags()
 
 #: TrainConfig integer fields that may be 0 (every other integer field must be positive).
 _NON_NEGATIVE = {"seed", "crop_padding", "track_flatness"}
@@ -127,10 +123,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--family", choices=["gapcnn", "resnet", "torchvision"],
                        help="model family (or give it in --spec)")
     for flag, (key, kw) in MODEL_FLAGS.items():
-        if "type" in kw:
-            kw = {**kw, "metavar": "X" if kw["type"] is float else "N"}
-        elif "action" not in kw and "choices" not in kw:
-            kw = {**kw, "metavar": "NAME"}
         model.add_argument(flag, dest=f"spec_{key}", **kw)
     model.add_argument("--spec", help="model spec as JSON text or a .json file; flags override it")
     model.add_argument("--no-check-head", action="store_true",

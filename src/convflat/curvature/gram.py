@@ -14,14 +14,28 @@ Both return the same matrix up to rounding; which is cheaper is Eq. (15)'s ``gra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from convflat.curvature.plan import _Plan, _Workspace
+from convflat.curvature.head import Head
+
+
+class _Workspace(Protocol):
+    """What the Grams need of :class:`convflat.curvature.plan._Workspace` (this module sits
+    below plan: it names the interface, not the class)."""
+
+    def get(self, name: str, shape: tuple[int, ...], zero: bool = False) -> torch.Tensor: ...
+
+
+class _Plan(Protocol):
+    """What :class:`_GatheredGram` needs of :class:`convflat.curvature.plan._Plan`."""
+
+    head: Head
+
+    def patch_rows(self, X: torch.Tensor, ws: _Workspace) -> torch.Tensor: ...
 
 
 def _conv_pads(conv: nn.Conv2d) -> tuple[tuple[int, int, int, int], tuple | None,

@@ -17,13 +17,86 @@ from typing import Any
 import torch
 from torch import nn
 
+from convflat.errors import OptionError
 from convflat.measures.context import Context
 
-__all__ = ["MEASURES", "Measure", "register"]
+__all__ = ["MEASURES", "Measure", "Param", "register"]
 
 #: What theory predicts under the function-preserving filter rescaling of the last conv
 #: (filter c and its bias times alpha_c > 0, classifier column c divided by alpha_c; ReLU).
 THEORIES = ("invariant", "changes", "nearly invariant")
+
+
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """A measure parameter: its default, its type and its range, declared at
+    :func:`register` (a plain default declares its type only: ``6`` an int, ``0.05`` a
+    number, ``"l2"`` a string, ``True`` a bool). The config checks read them
+    (:func:`convflat.study.check_measures`), and :meth:`Measure.resolve` refuses a value
+    outside them before a measure runs.
+
+    Attributes:
+        default: the default value.
+        kind: "int", "float" (an int is accepted), "str" or "bool"; "" takes the default's.
+        minimum / maximum: inclusive bounds; above: an exclusive lower bound.
+        choices: the allowed values.
+        nullable: None is a value.
+    """
+
+    default: Any
+    kind: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+
+    def __post_init__(self):
+        if not self.kind and self.default is not None:
+            kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(self.default))
+            object.__setattr__(self, "kind", kind or "")
+
+    def describe(self) -> str:
+        """``an integer >= 1``, ``a number in (0, 1]``, ``one of ('l2', 'linf')``."""
+        if self.choices is not None:
+            return f"one of {self.choices}"
+        if self.kind == "int" and self.maximum is None and self.above is None \
+                and self.minimum in (0, 1):
+            return "a positive integer" if self.minimum == 1 else "a non-negative integer"
+        text = _KINDS.get(self.kind, "a value")
+        low = (f"({self.above:g}" if self.above is not None
+               else f"[{self.minimum:g}" if self.minimum is not None else None)
+        if low is not None and self.maximum is not None:
+            return f"{text} in {low}, {self.maximum:g}]"
+        if low is not None:
+            return f"{text} {'>' if low[0] == '(' else '>='} {low[1:]}"
+        if self.maximum is not None:
+            return f"{text} <= {self.maximum:g}"
+        return text
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` has the type and lies in the range."""
+        if value is None:
+            return self.nullable or (self.default is None and not self.kind)
+        if self.choices is not None:
+            return value in self.choices
+        if self.kind == "bool":
+            return value is True or value is False
+        if self.kind == "str":
+            return isinstance(value, str)
+        if self.kind in ("int", "float"):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (self.kind == "int" and int(value) != value):
+                return False
+            if value != value:  # NaN
+                return False
+            return ((self.minimum is None or value >= self.minimum)
+                    and (self.maximum is None or value <= self.maximum)
+                    and (self.above is None or value > self.above))
+        return True
 
 
 @dataclass
@@ -34,6 +107,7 @@ class Measure:
         name: registry key, also the ``m_<name>`` column of the runs table.
         func: ``func(ctx, **params) -> {"value": ..., extras...}``.
         defaults: default parameters (every accepted parameter appears here).
+        params: every accepted parameter as a :class:`Param` (type and range).
         theory: prediction under filter rescaling: "invariant", "changes" or "nearly invariant".
         needs_init: the measure needs the initial model (``init_model``); skipped without it.
         uses_data: the measure reads the data (then ``max_samples`` is accepted: the measure
@@ -48,16 +122,23 @@ class Measure:
     needs_init: bool = False
     uses_data: bool = True
     source: str = ""
+    params: dict[str, Param] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.theory not in THEORIES:
             raise ValueError(f"theory must be one of {THEORIES}, got {self.theory!r}")
+        declared = {k: v if isinstance(v, Param) else Param(v)
+                    for k, v in {**self.defaults, **self.params}.items()}
         if self.uses_data:
-            self.defaults = {**self.defaults, "max_samples": None}
+            declared["max_samples"] = Param(None, "int", minimum=1, nullable=True)
+        self.params = declared
+        self.defaults = {k: p.default for k, p in declared.items()}
         self.__doc__ = self.func.__doc__
 
     def resolve(self, params: dict[str, Any] | None) -> dict[str, Any]:
-        """Defaults updated by ``params``; an unknown key raises a ValueError naming it."""
+        """Defaults updated by ``params``. An unknown key raises a ValueError naming it, a
+        value of the wrong type or out of its declared range (:attr:`params`) an
+        :class:`convflat.errors.OptionError` whose ``key`` is the parameter."""
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
@@ -65,10 +146,11 @@ class Measure:
                 f"measure '{self.name}' has no parameter {', '.join(map(repr, unknown))}; "
                 f"it accepts {sorted(self.defaults)}"
             )
-        ms = params.get("max_samples")
-        if ms is not None and (isinstance(ms, bool) or int(ms) != ms or ms < 1):
-            raise ValueError(
-                f"measure '{self.name}': max_samples must be a positive integer, got {ms!r}")
+        for key, value in params.items():
+            param = self.params[key]
+            if not param.accepts(value):
+                raise OptionError(key, f"measure '{self.name}': {key} must be "
+                                       f"{param.describe()}, got {value!r}")
         return {**self.defaults, **params}
 
     def run(self, ctx: Context, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -157,7 +239,9 @@ def register(
     uses_data: bool = True,
     source: str = "",
 ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
-    """Decorator: register ``func(ctx, **params)`` as measure ``name``."""
+    """Decorator: register ``func(ctx, **params)`` as measure ``name``. ``defaults`` maps
+    each parameter to its default, or to a :class:`Param` that also declares its type and
+    range (``"probes": Param(6, minimum=1)``: an int >= 1)."""
 
     def deco(func: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         if name in MEASURES:

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from convflat.measures.base import register
+from convflat.measures.base import Param, register
 from convflat.measures.context import Context
 
 __all__ = ["ConvFactors", "conv_factors"]
@@ -335,8 +335,11 @@ def _auto_method(ctx: Context, what: str, dense_max: int, max_entries: float) ->
 
 # dense_max: largest Cd (dense H) or NK (Gram) formed; max_entries: budget of float64s for the
 # per-sample factors (5e7 = 400 MB); hvp_max: most Hessian-vector products for "hvp"
-_TOP = {"method": "auto", "tol": 1e-10, "dense_max": 4096, "max_entries": 5e7}
-_FRO = {"method": "auto", "dense_max": 4096, "max_entries": 5e7, "hvp_max": 4096}
+_SIZES = {"dense_max": Param(4096, minimum=1), "max_entries": Param(5e7, above=0)}
+_TOP = {"method": Param("auto", choices=("auto", "lanczos", "dense", "gram", "hvp")),
+        "tol": Param(1e-10, above=0), **_SIZES}
+_FRO = {"method": Param("auto", choices=("auto", "dense", "gram_trace", "gram", "hvp")),
+        **_SIZES, "hvp_max": Param(4096, minimum=1)}
 
 
 @register("conv_top_eigenvalue", defaults=dict(_TOP),

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, jvp
 
-from convflat.measures.base import register
+from convflat.measures.base import Param, register
 from convflat.measures.context import Context
 
 __all__ = ["fisher_rao_terms"]
@@ -71,7 +71,7 @@ def fisher_rao_terms(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register(
     "fisher_rao_norm",
-    defaults={"labels": "model"},
+    defaults={"labels": Param("model", choices=("model", "empirical"))},
     theory="invariant",
     source="Liang et al. 2019 (AISTATS), Section 2, Fisher-Rao norm; Lemma 2.1",
 )

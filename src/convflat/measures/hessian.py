@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from convflat.measures.base import register
+from convflat.measures.base import Param, register
 from convflat.measures.context import Context, seeded
 
 __all__ = ["hessian_operator", "top_eigenvalue", "trace_estimate"]
@@ -160,8 +160,10 @@ def _conv_trace(ctx: Context, method: str, probes: int, groups: int,
 # quick-study defaults (a few seconds per small model); the full study uses more, see
 # docs/measures.md. Hutchinson: 6 products in 3 runs of 2 (free error bar); Hutch++: 9
 # products (3 sketch, 3 exact subspace, 3 Hutchinson) in one run.
-_HUTCH = {"probes": 6, "groups": 3, "distribution": "rademacher"}
-_HUTCHPP = {"probes": 9, "groups": 1, "distribution": "rademacher"}
+_PROBES = ("rademacher", "normal")
+_HUTCH = {"probes": Param(6, minimum=1), "groups": Param(3, minimum=1),
+          "distribution": Param("rademacher", choices=_PROBES)}
+_HUTCHPP = {**_HUTCH, "probes": Param(9, minimum=1), "groups": Param(1, minimum=1)}
 
 
 @register("hutchinson_trace", defaults=_HUTCH, source="Hutchinson 1989; curvlinops")
@@ -244,7 +246,8 @@ def top_eigenvalue(op, *, method: str, iterations: int, tol: float, seed: int,
 
 @register(
     "hessian_top_eigenvalue",
-    defaults={"method": "lanczos", "iterations": 8, "tol": 1e-3},
+    defaults={"method": Param("lanczos", choices=("lanczos", "eigsh")),
+              "iterations": Param(8, minimum=1), "tol": Param(1e-3, above=0)},
     source="Keskar et al. 2017; Jiang et al. 2020 (sharpness via lambda_max)",
 )
 def hessian_top_eigenvalue(ctx: Context, *, method: str, iterations: int,

@@ -36,7 +36,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from convflat.measures.base import register
+from convflat.measures.base import Param, register
 from convflat.measures.context import Context
 
 __all__ = ["conv_spectral_norm", "layer_spectral_norms", "linear_spectral_norm"]
@@ -240,7 +240,8 @@ def _spectral(ctx: Context, method: str, tol: float, fold_bn: bool
     return layers, info
 
 
-_SPECTRAL = {"method": "auto", "tol": 1e-8, "fold_bn": True}
+_SPECTRAL = {"method": Param("auto", choices=("auto", "dense", "lanczos", "fft")),
+             "tol": Param(1e-8, above=0), "fold_bn": True}
 
 
 @register(
@@ -352,7 +353,7 @@ def path_norm(ctx: Context, *, fold_bn: bool) -> dict[str, Any]:
 
 @register(
     "inverse_margin",
-    defaults={"percentile": 10.0},
+    defaults={"percentile": Param(10.0, above=0, maximum=100)},
     theory="invariant",
     source="Jiang et al. 2020, eq. (22)",
 )

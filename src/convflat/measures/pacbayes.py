@@ -83,7 +83,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from convflat.measures.base import register
+from convflat.measures.base import Param, register
 from convflat.measures.context import Context, perturbed
 
 __all__ = ["FOLDED_BN", "sigma_search"]
@@ -146,10 +146,12 @@ def sigma_search(
     }
 
 
-_SEARCH = {"target": 0.1, "tol": 0.005, "mc_samples": 256, "depth": 14, "lower": 1e-5,
-           "upper": 2.0, "fold_bn": True, "folded_bn": "remove"}
-
 FOLDED_BN = ("remove", "keep")
+
+_SEARCH = {"target": Param(0.1, above=0, maximum=1), "tol": Param(0.005, above=0),
+           "mc_samples": Param(256, minimum=1), "depth": Param(14, minimum=1),
+           "lower": Param(1e-5, above=0), "upper": Param(2.0, above=0), "fold_bn": True,
+           "folded_bn": Param("remove", choices=FOLDED_BN)}
 
 
 def _unit_batchnorm(model: nn.Module, original: nn.Module, pairs: list[tuple[str, str]]
@@ -252,7 +254,7 @@ def pacbayes_bound(ctx: Context, **search: Any) -> dict[str, Any]:
 
 @register(
     "pacbayes_mag_flatness",
-    defaults={**_SEARCH, "magnitude_eps": 1e-3},
+    defaults={**_SEARCH, "magnitude_eps": Param(1e-3, minimum=0)},
     theory="nearly invariant",
     source="Jiang et al. 2020, eq. (61) (pacbayes.mag.flatness)",
 )

@@ -130,7 +130,9 @@ def compute_measures(
         exact curvature, the PAC-Bayes sigma search, ...) even when another measure computed
         them first; ``shared`` lists them.
 
-    Bad input (unknown names or parameters, empty data) raises before anything runs.
+    Bad input (unknown names or parameters, a parameter value outside the type or range
+    its measure declares at ``@register``, empty data) raises before anything runs: a
+    ValueError, :class:`convflat.errors.OptionError` (``.key`` the parameter) for a value.
     """
     todo = resolve_names(names)
     params = dict(params or {})

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from convflat.measures.base import register
+from convflat.measures.base import Param, register
 from convflat.measures.context import Context, perturbed
 
 __all__ = ["average_sharpness", "keskar_sharpness", "worst_case_sharpness"]
@@ -222,12 +222,14 @@ def average_sharpness(
     return {"value": float(r.mean()), "stderr": stderr, "base_loss": base}
 
 
-_ASCENT = {"max_steps": 100, "tol": 1e-3, "window": 5, "norm": "l2", "step_fraction": 0.5}
+_ASCENT = {"max_steps": Param(100, minimum=1), "tol": Param(1e-3, minimum=0),
+           "window": Param(5, minimum=1), "norm": Param("l2", choices=("l2", "linf")),
+           "step_fraction": Param(0.5, above=0)}
 
 
 @register(
     "sharpness_worst",
-    defaults={"rho": 0.05, **_ASCENT},
+    defaults={"rho": Param(0.05, minimum=0), **_ASCENT},
     theory="changes",
     source="Foret et al. 2021 (rho-sharpness)",
 )
@@ -260,7 +262,7 @@ def sharpness_keskar(ctx: Context, *, eps: float, max_steps: int, tol: float, wi
 
 @register(
     "sharpness_adaptive",
-    defaults={"rho": 0.5, **_ASCENT, "eta": 0.0},
+    defaults={"rho": Param(0.5, minimum=0), **_ASCENT, "eta": Param(0.0, minimum=0)},
     theory="invariant",
     source="Kwon et al. 2021 (ASAM); Andriushchenko et al. 2023, adaptive worst-case sharpness",
 )
@@ -276,7 +278,7 @@ def sharpness_adaptive(ctx: Context, *, rho: float, max_steps: int, tol: float, 
 
 @register(
     "sharpness_avg",
-    defaults={"sigma": 0.01, "samples": 10},
+    defaults={"sigma": Param(0.01, minimum=0), "samples": Param(10, minimum=1)},
     theory="changes",
     source="Andriushchenko et al. 2023, average-case sharpness; Jiang et al. 2020",
 )
@@ -288,7 +290,8 @@ def sharpness_avg(ctx: Context, *, sigma: float, samples: int) -> dict[str, Any]
 
 @register(
     "sharpness_avg_adaptive",
-    defaults={"sigma": 0.1, "samples": 10, "eta": 0.0},
+    defaults={"sigma": Param(0.1, minimum=0), "samples": Param(10, minimum=1),
+              "eta": Param(0.0, minimum=0)},
     theory="invariant",
     source="Andriushchenko et al. 2023, adaptive average-case sharpness",
 )
