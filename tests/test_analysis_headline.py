@@ -78,7 +78,9 @@ def test_verdict_follows_the_paired_interval_not_the_marginal_overlap():
     assert d.hi < 0 and a.outcome == "loses"
     first = md.splitlines()[2]
     assert first.startswith("**Verdict: our best conv-layer measure loses to the best baseline "
-                            "on the loss gap and the accuracy gap**")
+                            "on the loss gap and the accuracy gap and does not beat knowing the "
+                            "training run: on the loss gap ranking the runs by the grid "
+                            "hyperparameter width does as well")
     assert f"paired Δτ = {d.diff:.2f} [{d.lo:.2f}, {d.hi:.2f}], an interval that lies below 0" \
         in first
     assert "ours worse" in md

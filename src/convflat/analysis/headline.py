@@ -88,7 +88,7 @@ class HeadlineSettings:
     targets: tuple[str, ...] = HEADLINE_TARGETS
     n_baselines: int = 3
     min_runs: int = DEFAULT_MIN_RUNS
-    noise_z: float = 2.0
+    noise_z: float = 1.0
     digits: int = 2
     require_converged: bool = True
     n_boot: int = 1000
@@ -360,11 +360,15 @@ def _control_sentence(a: TargetAnswer, s: HeadlineSettings) -> str:
     diff = a.paired[(a.ours, a.control)][0]
     what = {"wins": "beats it", "ties": "does not beat it (the paired interval contains 0)",
             "loses": "loses to it", "undecided": "cannot be compared with it"}[diff.verdict]
-    name = a.control[len("control:"):]
-    label = CONTROLS.get(name, f"the grid hyperparameter {name}")
+    label = _control_name(a.control)
     return (f"The strongest control, {label}, ranks the runs with |τ| = {_num(abs(tau), d)}; "
             f"{a.ours} {what}: Δτ against the control in its better direction = "
             f"{_diff_cell(diff, d, False)}.")
+
+
+def _control_name(row: str) -> str:
+    name = row[len("control:"):]
+    return CONTROLS.get(name, f"the grid hyperparameter {name}")
 
 
 def _answer(answers: Sequence[TargetAnswer], n_used: int, s: HeadlineSettings) -> str:
@@ -378,6 +382,13 @@ def _answer(answers: Sequence[TargetAnswer], n_used: int, s: HeadlineSettings) -
     parts = [f"{_VERB[v]} the "
              f"best baseline on the {' and the '.join(_words(a.target) for a in items)}"
              for v, items in verdicts.items() if items]
+    beaten = [a for a in answers if a.control and a.ours
+              and a.paired[(a.ours, a.control)][0].verdict in ("ties", "loses")]
+    if beaten:
+        how = {"loses": "does better", "ties": "does as well"}
+        parts.append("does not beat knowing the training run: " + "; ".join(
+            f"on the {_words(a.target)} ranking the runs by {_control_name(a.control)} "
+            f"{how[a.paired[(a.ours, a.control)][0].verdict]}" for a in beaten))
     lead = (f"**Verdict: our best conv-layer measure {_join(parts)}** (paired bootstrap "
             f"of the difference in Kendall's τ, {s.level:.0%} interval).")
     body = [x for a in answers for x in _target_sentences(a, s)]

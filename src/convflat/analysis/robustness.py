@@ -17,8 +17,10 @@ Here, for a target ``g`` and measure ``mu``:
   within-configuration standard deviation of the target over the seeds
   (:func:`~convflat.analysis.stats.spread_ratio`), a pair is kept only when
   ``|g_i - g_j| > z * sqrt(2) * s`` (``sqrt(2) s`` is the sd of the difference of two runs
-  of one configuration; default ``z = 2``). Without replicated seeds ``s`` is unknown and
-  every pair with ``g_i != g_j`` is kept (the result says so).
+  of one configuration; default ``z = 1``: a pair counts when its difference exceeds one
+  standard deviation of the difference between two seeds of one configuration). Without
+  replicated seeds ``s`` is unknown and every pair with ``g_i != g_j`` is kept (the result
+  says so).
 * **sign error** of a pair: ``(1 - sign(mu_i - mu_j) * sign(g_i - g_j)) / 2``: 0 when the
   measure orders the pair as the target does, 1 when it orders it the other way, 1/2 on a
   tie of the measure. Its mean over a family's pairs is the family's sign error; the
@@ -75,7 +77,7 @@ def _seed_sd(runs: pd.DataFrame, g: np.ndarray) -> float:
     return float(np.sqrt(sum(((y[p] - y[p].mean()) ** 2).sum() for p in parts) / dof))
 
 
-def one_axis_pairs(runs: pd.DataFrame, target: str, *, noise_z: float = 2.0) -> OneAxisPairs:
+def one_axis_pairs(runs: pd.DataFrame, target: str, *, noise_z: float = 1.0) -> OneAxisPairs:
     """Pairs of ``runs`` (already the usable ones) that differ in exactly one non-seed
     hyperparameter, their target difference beyond ``noise_z * sqrt(2) * s`` (see the
     module docstring)."""
@@ -105,7 +107,7 @@ def one_axis_pairs(runs: pd.DataFrame, target: str, *, noise_z: float = 2.0) -> 
 
 
 def sign_error_table(runs: pd.DataFrame, measures: list[str], target: str, *,
-                     noise_z: float = 2.0) -> pd.DataFrame:
+                     noise_z: float = 1.0) -> pd.DataFrame:
     """Mean sign error of each measure column per hyperparameter family.
 
     ``runs``: the usable runs. One row per measure (index: the column name); columns
@@ -118,8 +120,8 @@ def sign_error_table(runs: pd.DataFrame, measures: list[str], target: str, *,
     runs = runs.reset_index(drop=True)
     pairs = one_axis_pairs(runs, target, noise_z=noise_z)
     g = numeric_column(runs, target)
-    families = [f for f in axis_columns(runs, nuisance=False, varying=True)
-                if f in set(pairs.family.tolist())]
+    # every varying axis, also one whose pairs all fell within noise (shown with 0 pairs)
+    families = axis_columns(runs, nuisance=False, varying=True)
     rows = {}
     for m in measures:
         mu = numeric_column(runs, m)
