@@ -180,3 +180,13 @@ def test_headline_from_files_written_by_the_pipeline(tmp_path):
         headline_markdown(table, runs, targets=["test_error"])
     with pytest.raises(ValueError, match="m_sharpness"):
         headline_markdown(table, runs.drop(columns="m_sharpness"))
+
+
+def test_one_usable_run_keeps_the_controls_of_the_whole_table():
+    """The correlation table makes its controls over all runs; a headline whose usable runs
+    leave a control constant must still find its column (a study with one usable run)."""
+    runs = _runs()
+    runs.loc[1:, "status"] = "failed"
+    table = correlation_table(runs, targets=["loss_gap"], n_boot=20, cmi=False)
+    md = headline_markdown(table, runs, targets=["loss_gap"])
+    assert md.splitlines()[2].startswith("**Insufficient evidence.** Only 1 usable run(s)")

@@ -239,7 +239,8 @@ def target_answer(table, runs, target: str, settings: HeadlineSettings) -> Targe
     ``runs``: the runs table (all runs; the usable ones are selected here)."""
     table, runs = _as_table(table), _as_runs(runs)
     rows = headline_rows(table, target)
-    use = add_controls(select_runs(runs, require_converged=settings.require_converged).runs)
+    # controls from all runs, as the correlation table makes them, then the usable runs
+    use = select_runs(add_controls(runs), require_converged=settings.require_converged).runs
     missing = [m for m in rows["measure"] if _column(m) not in use.columns]
     if missing:
         raise ValueError(f"runs table lacks the column(s) {[_column(m) for m in missing]} of "
