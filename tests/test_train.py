@@ -128,7 +128,7 @@ def test_stop_on_target_loss_and_cap(tmp_path, digits):
 def test_divergence_is_recorded_not_raised(tmp_path, digits):
     record = train(SMALL, digits, dataclasses.replace(FAST, lr=1e6, schedule="constant"),
                    tmp_path)
-    assert record["status"] == "diverged" and record["stop_reason"] == "diverged"
+    assert record["status"] == "diverged" and record["stop_reason"] == "diverged_non_finite"
     assert not record["converged"] and record["train_loss"] is None
     assert record["test_acc"] is None and record["history"][-1]["loss"] is None
     assert (tmp_path / "model.pt").is_file() and not (tmp_path / "checkpoint.pt").exists()
