@@ -110,9 +110,9 @@ def _read(path: str | os.PathLike) -> tuple[Path, Any]:
 
 def write_train_record(path: str | os.PathLike, record: dict[str, Any]) -> dict[str, Any]:
     """Write ``record`` as train.json at ``path`` (atomically) and return it as read back
-    (as :func:`convflat.io.atomic_write_json` converts it: NaN becomes null). A record of a run that trained must carry all
-    of :data:`TRAIN_KEYS`; one recorded as failed before training, at least the required
-    few. Raises RecordError naming the missing keys."""
+    (as :func:`convflat.io.atomic_write_json` converts it: NaN becomes null). A record of
+    a run that trained must carry all of :data:`TRAIN_KEYS`; one recorded as failed before
+    training, at least the required few. Raises RecordError naming the missing keys."""
     path = Path(path)
     trained = record.get("status") != "failed" or "history" in record
     _check(path, record, TRAIN_FORMAT, TRAIN_KEYS if trained else _TRAIN_REQUIRED)
