@@ -7,7 +7,13 @@ writes, in ``out_dir``:
 ``checkpoint.pt``  after every epoch, atomically: weights, optimizer, scheduler, the data
                    generator and the global RNG states, history; removed when the run ends
 ``model.pt``       the final weights (``convflat-model/1``: ``{"format", "spec", "state_dict"}``)
-``train.json``     spec, hyperparameters, stopping, metrics and provenance (see :func:`train`)
+``train.json``     spec, hyperparameters, stopping, metrics and provenance (see :func:`train`;
+                   the format is :mod:`convflat.records`)
+
+Steps: :func:`plan_run` (settings resolved against the data) -> :func:`setup_run` (weights,
+device data, initial loss, optimizer, a checkpoint restored) -> :func:`fit` (the epoch loop,
+with the divergence rule :func:`divergence_reason`) -> :func:`finish_run` (final metrics) ->
+:func:`record_run` (train.json), over one :class:`Run` and its :class:`RunState`.
 
 Pipeline (in the style of cifar10-airbench): the uint8 training images are zero-padded once
 and kept on the device; each epoch draws one permutation, one crop offset and one flip bit
@@ -75,9 +81,10 @@ __all__ = [  # DeviceData, the records' names and the tracker are re-exported fr
     "CHECKPOINT_FILE", "DIVERGED_REASONS", "FAILED_FORMAT", "FLATNESS_KEYS", "FLATNESS_SEED",
     "INIT_FILE", "MODEL_FILE", "RECORD_FILE", "STALE_CHECKPOINT_FILE", "STOP_REASONS",
     "TRAIN_FORMAT", "DeviceData", "FlatnessTracker", "Run", "RunState", "TrainConfig",
-    "divergence_reason", "error_text", "evaluate", "fit", "lr_factor", "make_optimizer",
-    "make_scheduler", "record_run", "run_hash_of", "run_identity", "setup_run", "spec_for",
-    "train", "train_or_record_failure", "train_step",
+    "divergence_reason", "error_text", "evaluate", "finish_run", "fit", "lr_factor",
+    "make_optimizer", "make_scheduler", "plan_run", "record_run", "run_hash_of",
+    "run_identity", "setup_run", "spec_for", "train", "train_or_record_failure", "train_step",
+    "watched_loss",
 ]
 
 log = logging.getLogger(__name__)
