@@ -135,7 +135,7 @@ def test_watched_loss_is_the_eval_loss_when_measured():
     assert math.isnan(watched_loss({"loss": None, "train_loss_eval": None}))
 
 
-@pytest.mark.parametrize("bad", [0.5, 1.0, -2.0, math.inf, True])
+@pytest.mark.parametrize("bad", [0.5, 1.0, -2.0, math.inf, True, "high"])
 def test_divergence_factor_must_exceed_one(bad):
     with pytest.raises(ValueError, match="TrainConfig.divergence_factor"):
         TrainConfig(divergence_factor=bad)

@@ -128,8 +128,9 @@ class TrainConfig:
                                       or value < 0):
                 bad(key, "must be a non-negative integer or None")
         factor = self.divergence_factor
-        if factor is not None and (isinstance(factor, bool) or not (
-                factor == 0 or (factor > 1 and math.isfinite(factor)))):
+        if factor is not None and (isinstance(factor, bool)
+                                   or not isinstance(factor, (int, float))
+                                   or not (factor == 0 or (factor > 1 and math.isfinite(factor)))):
             bad("divergence_factor", "must be 0 (off), None (off) or a finite number > 1")
 
     def to_dict(self) -> dict[str, Any]:
