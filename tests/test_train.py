@@ -355,7 +355,7 @@ def test_train_or_record_failure_records_an_unbuildable_run(tmp_path, digits):
     cfg = {**FAST.to_dict(), "epochs": 1}
     rec = cftrain.train_or_record_failure(spec, digits, cfg, tmp_path, run_id="depth~9")
     assert rec["status"] == "failed" and rec["run_id"] == "depth~9"
-    assert rec["error"].startswith("ValueError: ") and "depth" in rec["error"]
+    assert rec["error"].startswith("OptionError: ") and "depth" in rec["error"]
     assert all(rec[k] is None for k in METRICS) and rec["epochs_run"] == 0
     assert json.loads((tmp_path / "train.json").read_text()) == rec
     for name in ("model.pt", "init.pt"):
