@@ -128,7 +128,7 @@ def test_stop_on_target_loss_and_cap(tmp_path, digits):
 def test_divergence_is_recorded_not_raised(tmp_path, digits):
     record = train(SMALL, digits, dataclasses.replace(FAST, lr=1e6, schedule="constant"),
                    tmp_path)
-    assert record["status"] == "diverged" and record["stop_reason"] == "diverged"
+    assert record["status"] == "diverged" and record["stop_reason"] == "diverged_non_finite"
     assert not record["converged"] and record["train_loss"] is None
     assert record["test_acc"] is None and record["history"][-1]["loss"] is None
     assert (tmp_path / "model.pt").is_file() and not (tmp_path / "checkpoint.pt").exists()
@@ -355,7 +355,7 @@ def test_train_or_record_failure_records_an_unbuildable_run(tmp_path, digits):
     cfg = {**FAST.to_dict(), "epochs": 1}
     rec = cftrain.train_or_record_failure(spec, digits, cfg, tmp_path, run_id="depth~9")
     assert rec["status"] == "failed" and rec["run_id"] == "depth~9"
-    assert rec["error"].startswith("ValueError: ") and "depth" in rec["error"]
+    assert rec["error"].startswith("OptionError: ") and "depth" in rec["error"]
     assert all(rec[k] is None for k in METRICS) and rec["epochs_run"] == 0
     assert json.loads((tmp_path / "train.json").read_text()) == rec
     for name in ("model.pt", "init.pt"):

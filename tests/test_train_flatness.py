@@ -55,10 +55,10 @@ def test_each_epochs_flatness_is_exact_curvature_of_that_epochs_weights(
     saved = []
     real_save = cftrain._save_state
 
-    def keep(path, model, *args, **kwargs):
+    def keep(run):
         saved.append(copy.deepcopy({k: v.detach().clone() for k, v in
-                                    model.state_dict().items()}))
-        return real_save(path, model, *args, **kwargs)
+                                    run.model.state_dict().items()}))
+        return real_save(run)
 
     monkeypatch.setattr(cftrain, "_save_state", keep)
     n = 300

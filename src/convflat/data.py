@@ -25,11 +25,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from convflat.io import atomic_torch_save
 from convflat.sources import SOURCES, USER_SOURCES
@@ -238,40 +240,21 @@ def prepare(
     same request is reused unless ``overwrite``. ``out`` defaults to :func:`default_path`.
     """
     name = canonical_name(name)
-    if subset is not None and (int(subset) != subset or int(subset) < 1):
-        raise ValueError(f"subset must be a positive number of images, got {subset!r}")
-    if not 0.0 <= float(label_noise) < 1.0:
-        raise ValueError(f"label_noise must be a fraction in [0, 1), got {label_noise!r}")
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    _check_request(subset, label_noise, test_fraction)
     out = Path(out) if out is not None else default_path(
         name, root=root, subset=subset, label_noise=label_noise, seed=seed,
         test_fraction=test_fraction)
     request = _request(name, subset, label_noise, seed, test_fraction)
-    if out.is_file() and not overwrite:
-        try:
-            existing = load_prepared(out)
-        except (ValueError, FileNotFoundError):
-            existing = None
-        if existing is not None and existing.meta.get("request") == request:
-            log.info("reusing %s (same request)", out)
-            return out
+    if not overwrite and _holds_request(out, request):
+        log.info("reusing %s (same request)", out)
+        return out
 
     x_tr, y_tr, x_te, y_te, classes, source, split_kind = _load_source(
         name, Path(root), download=download, test_fraction=test_fraction, seed=seed)
     check_splits(y_tr, y_te, len(classes), source,
                  hint=" (raise the test fraction)" if split_kind == "random" else "")
     n_full = int(x_tr.shape[0])
-    train_indices = None
-    if subset is not None:
-        if subset > n_full:
-            raise ValueError(f"subset={subset} exceeds the {n_full} training images of {name}")
-        perm = torch.randperm(n_full, generator=seeded_generator(seed, "subset"))
-        train_indices = perm[: int(subset)].sort().values
-        x_tr, y_tr = x_tr[train_indices], y_tr[train_indices]
-        if torch.unique(y_tr).numel() < 2:
-            raise ValueError(f"{source}: the subset of {subset} training images holds one "
-                             "class only; a classifier needs two (take a larger subset)")
+    x_tr, y_tr, train_indices = _take_subset(x_tr, y_tr, subset, seed, name, source)
     y_clean = y_tr.clone()
     y_noisy, mask = _apply_label_noise(y_tr, len(classes), float(label_noise), seed)
     mean, std = _channel_stats(x_tr)
@@ -303,6 +286,45 @@ def prepare(
     log.info("prepared %s: %d train, %d test, %d classes, images %s -> %s", name,
              x_tr.shape[0], x_te.shape[0], len(classes), tuple(x_tr.shape[1:]), out)
     return out
+
+
+def _check_request(subset: Any, label_noise: Any, test_fraction: Any) -> None:
+    """:func:`prepare`'s numeric arguments, each checked by name."""
+    if subset is not None and (int(subset) != subset or int(subset) < 1):
+        raise ValueError(f"subset must be a positive number of images, got {subset!r}")
+    if not 0.0 <= float(label_noise) < 1.0:
+        raise ValueError(f"label_noise must be a fraction in [0, 1), got {label_noise!r}")
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+
+
+def _holds_request(out: Path, request: dict[str, Any]) -> bool:
+    """Whether ``out`` is a readable prepared file written by the same ``request``."""
+    if not out.is_file():
+        return False
+    try:
+        existing = load_prepared(out)
+    except (ValueError, FileNotFoundError):
+        return False
+    return existing.meta.get("request") == request
+
+
+def _take_subset(x: torch.Tensor, y: torch.Tensor, subset: int | None, seed: int, name: str,
+                 source: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The ``subset`` training images drawn uniformly without replacement (their indices in
+    the full split, sorted, as the third element; all images and None without a subset)."""
+    if subset is None:
+        return x, y, None
+    n_full = int(x.shape[0])
+    if subset > n_full:
+        raise ValueError(f"subset={subset} exceeds the {n_full} training images of {name}")
+    perm = torch.randperm(n_full, generator=seeded_generator(seed, "subset"))
+    train_indices = perm[: int(subset)].sort().values
+    x, y = x[train_indices], y[train_indices]
+    if torch.unique(y).numel() < 2:
+        raise ValueError(f"{source}: the subset of {subset} training images holds one "
+                         "class only; a classifier needs two (take a larger subset)")
+    return x, y, train_indices
 
 
 def check_splits(y_train: torch.Tensor, y_test: torch.Tensor, num_classes: int, where: str,
@@ -372,6 +394,102 @@ def seeded_subset(*tensors: torch.Tensor, n: int | None,
         return tuple(tensors)
     idx = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[: int(n)]
     return tuple(t[idx.to(t.device)] for t in tensors)
+
+
+class DeviceData:
+    """A labelled uint8 image set held on the device, producing augmented, normalized batches.
+
+    ``x`` uint8 (N, C, H, W) is zero-padded once to (N, C, H + 2p, W + 2p) (zero = black, as
+    torchvision's ``RandomCrop(padding=p)``); batch image b is
+    ``x_pad[i_b, :, oy_b + r, ox_b + s']`` for r < H, s < W, with s' = s, or W - 1 - s when b is
+    flipped (two ``gather`` calls on the device), followed by ``(x / 255 - mean) / std`` in
+    ``dtype``.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 *, crop_padding: int = 0, flip: bool = False,
+                 device: str | torch.device = "cpu", channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise ValueError("DeviceData needs uint8 images (N, C, H, W), got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"labels of shape {tuple(y.shape)} do not match {x.shape[0]} images")
+        self.device = torch.device(device)
+        self.pad, self.flip = int(crop_padding), bool(flip)
+        self.n, self.c, self.h, self.w = (int(s) for s in x.shape)
+        p = self.pad
+        self.x_pad = F.pad(x, (p, p, p, p)).to(self.device) if p else x.to(self.device)
+        self.y = y.to(self.device, torch.int64)
+        self.mean, self.std = mean.to(self.device), std.to(self.device)
+        self.channels_last, self.dtype = channels_last, dtype
+        self._rows = torch.arange(self.h, device=self.device)
+        self._cols = torch.arange(self.w, device=self.device)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The un-augmented uint8 images (N, C, H, W), a view of the padded store."""
+        p = self.pad
+        return self.x_pad[:, :, p : p + self.h, p : p + self.w] if p else self.x_pad
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Full batches per epoch (a partial last batch is dropped), at least one."""
+        return max(1, self.n // batch_size)
+
+    def epoch(self, generator: torch.Generator,
+              batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``steps_per_epoch`` augmented batches ``(x (B, C, H, W) dtype, y (B,))``.
+
+        Draws, in this order and on the CPU: a permutation of N, then (if cropping) N crop
+        offsets in [0, 2p], then (if flipping) N flip bits, so the stream is independent of
+        the device.
+        """
+        perm = torch.randperm(self.n, generator=generator)
+        offsets = (torch.randint(0, 2 * self.pad + 1, (self.n, 2), generator=generator)
+                   if self.pad else None)
+        flips = torch.randint(0, 2, (self.n,), generator=generator).bool() if self.flip else None
+        perm = perm.to(self.device, non_blocking=True)
+        offsets = None if offsets is None else offsets.to(self.device, non_blocking=True)
+        flips = None if flips is None else flips.to(self.device, non_blocking=True)
+        b = min(batch_size, self.n)
+        for i in range(self.steps_per_epoch(batch_size)):
+            sl = slice(i * b, (i + 1) * b)
+            idx = perm[sl]
+            yield self.batch(idx, None if offsets is None else offsets[sl],
+                             None if flips is None else flips[sl])
+
+    def batch(self, idx: torch.Tensor, offsets: torch.Tensor | None = None,
+              flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``idx`` (B,), cropped at ``offsets`` (B, 2) = (row, col) into the padded
+        store (None: the un-augmented centre) and mirrored where ``flips`` (B,) is true ->
+        normalized (B, C, H, W), labels (B,)."""
+        if offsets is None:
+            xb = self.images[idx]                                           # (B, C, H, W)
+            if flips is not None:
+                xb = torch.where(flips.view(-1, 1, 1, 1), xb.flip(3), xb)
+        else:
+            b, c, wp = idx.numel(), self.c, self.x_pad.shape[3]
+            rows = self._rows + offsets[:, :1]                              # (B, H)
+            cols = self._cols + offsets[:, 1:]                              # (B, W)
+            if flips is not None:
+                cols = torch.where(flips[:, None], cols.flip(1), cols)
+            # two gathers: faster than one 4-index advanced indexing (docs/benchmarks.md)
+            xb = self.x_pad[idx]                                            # (B, C, H+2p, W+2p)
+            xb = xb.gather(2, rows[:, None, :, None].expand(b, c, self.h, wp))
+            xb = xb.gather(3, cols[:, None, None, :].expand(b, c, self.h, self.w))
+        xb = normalize(xb, self.mean, self.std, self.dtype)
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, self.y[idx]
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Un-augmented normalized batches in order, for measurement."""
+        for i in range(0, self.n, batch_size):
+            xb = normalize(self.images[i : i + batch_size], self.mean, self.std, self.dtype)
+            yield xb, self.y[i : i + batch_size]
 
 
 def _apply_label_noise(y: torch.Tensor, num_classes: int, fraction: float,

@@ -7,7 +7,13 @@ writes, in ``out_dir``:
 ``checkpoint.pt``  after every epoch, atomically: weights, optimizer, scheduler, the data
                    generator and the global RNG states, history; removed when the run ends
 ``model.pt``       the final weights (``convflat-model/1``: ``{"format", "spec", "state_dict"}``)
-``train.json``     spec, hyperparameters, stopping, metrics and provenance (see :func:`train`)
+``train.json``     spec, hyperparameters, stopping, metrics and provenance (see :func:`train`;
+                   the format is :mod:`convflat.records`)
+
+Steps: :func:`plan_run` (settings resolved against the data) -> :func:`setup_run` (weights,
+device data, initial loss, optimizer, a checkpoint restored) -> :func:`fit` (the epoch loop,
+with the divergence rule :func:`divergence_reason`) -> :func:`finish_run` (final metrics) ->
+:func:`record_run` (train.json), over one :class:`Run` and its :class:`RunState`.
 
 Pipeline (in the style of cifar10-airbench): the uint8 training images are zero-padded once
 and kept on the device; each epoch draws one permutation, one crop offset and one flip bit
@@ -28,13 +34,14 @@ run killed at any point and started again ends with the same weights as one neve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,127 +50,44 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from convflat.data import Prepared, load_prepared, normalize, seeded_generator
+from convflat.data import DeviceData, Prepared, load_prepared, normalize, seeded_generator
 from convflat.io import (
     METRICS,
     atomic_torch_save,
-    atomic_write_json,
     first_difference,
     iter_batches,
     provenance,
     resolve_device,
 )
 from convflat.models import build_model, normalize_spec, save_checkpoint
+from convflat.records import (
+    CHECKPOINT_FILE,
+    DIVERGED_REASONS,
+    FLATNESS_KEYS,
+    INIT_FILE,
+    MODEL_FILE,
+    RECORD_FILE,
+    STOP_REASONS,
+    TRAIN_FORMAT,
+    RecordError,
+    error_text,
+    read_train_record,
+    write_train_record,
+)
+from convflat.tracking import FLATNESS_SEED, FlatnessTracker
 from convflat.train_config import TrainConfig
 
+__all__ = [  # DeviceData, the records' names and the tracker are re-exported from here
+    "CHECKPOINT_FILE", "DIVERGED_REASONS", "FAILED_FORMAT", "FLATNESS_KEYS", "FLATNESS_SEED",
+    "INIT_FILE", "MODEL_FILE", "RECORD_FILE", "STALE_CHECKPOINT_FILE", "STOP_REASONS",
+    "TRAIN_FORMAT", "DeviceData", "FlatnessTracker", "Run", "RunState", "TrainConfig",
+    "divergence_reason", "error_text", "evaluate", "finish_run", "fit", "lr_factor",
+    "make_optimizer", "make_scheduler", "plan_run", "record_run", "run_hash_of",
+    "run_identity", "setup_run", "spec_for", "train", "train_or_record_failure", "train_step",
+    "watched_loss",
+]
+
 log = logging.getLogger(__name__)
-
-TRAIN_FORMAT = "convflat-train/1"
-STOP_REASONS = ("epochs", "target_loss", "cap", "diverged")
-
-MODEL_FILE, INIT_FILE, CHECKPOINT_FILE, RECORD_FILE = (
-    "model.pt", "init.pt", "checkpoint.pt", "train.json")
-
-
-# --------------------------------------------------------------------------------------------
-# The device-resident data pipeline
-# --------------------------------------------------------------------------------------------
-
-
-class DeviceData:
-    """A labelled uint8 image set held on the device, producing augmented, normalized batches.
-
-    ``x`` uint8 (N, C, H, W) is zero-padded once to (N, C, H + 2p, W + 2p) (zero = black, as
-    torchvision's ``RandomCrop(padding=p)``); batch image b is
-    ``x_pad[i_b, :, oy_b + r, ox_b + s']`` for r < H, s < W, with s' = s, or W - 1 - s when b is
-    flipped (two ``gather`` calls on the device), followed by ``(x / 255 - mean) / std`` in
-    ``dtype``.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 *, crop_padding: int = 0, flip: bool = False,
-                 device: str | torch.device = "cpu", channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32):
-        if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError("DeviceData needs uint8 images (N, C, H, W), got "
-                             f"{x.dtype} {tuple(x.shape)}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"labels of shape {tuple(y.shape)} do not match {x.shape[0]} images")
-        self.device = torch.device(device)
-        self.pad, self.flip = int(crop_padding), bool(flip)
-        self.n, self.c, self.h, self.w = (int(s) for s in x.shape)
-        p = self.pad
-        self.x_pad = F.pad(x, (p, p, p, p)).to(self.device) if p else x.to(self.device)
-        self.y = y.to(self.device, torch.int64)
-        self.mean, self.std = mean.to(self.device), std.to(self.device)
-        self.channels_last, self.dtype = channels_last, dtype
-        self._rows = torch.arange(self.h, device=self.device)
-        self._cols = torch.arange(self.w, device=self.device)
-
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def images(self) -> torch.Tensor:
-        """The un-augmented uint8 images (N, C, H, W), a view of the padded store."""
-        p = self.pad
-        return self.x_pad[:, :, p : p + self.h, p : p + self.w] if p else self.x_pad
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        """Full batches per epoch (a partial last batch is dropped), at least one."""
-        return max(1, self.n // batch_size)
-
-    def epoch(self, generator: torch.Generator,
-              batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``steps_per_epoch`` augmented batches ``(x (B, C, H, W) dtype, y (B,))``.
-
-        Draws, in this order and on the CPU: a permutation of N, then (if cropping) N crop
-        offsets in [0, 2p], then (if flipping) N flip bits, so the stream is independent of
-        the device.
-        """
-        perm = torch.randperm(self.n, generator=generator)
-        offsets = (torch.randint(0, 2 * self.pad + 1, (self.n, 2), generator=generator)
-                   if self.pad else None)
-        flips = torch.randint(0, 2, (self.n,), generator=generator).bool() if self.flip else None
-        perm = perm.to(self.device, non_blocking=True)
-        offsets = None if offsets is None else offsets.to(self.device, non_blocking=True)
-        flips = None if flips is None else flips.to(self.device, non_blocking=True)
-        b = min(batch_size, self.n)
-        for i in range(self.steps_per_epoch(batch_size)):
-            sl = slice(i * b, (i + 1) * b)
-            idx = perm[sl]
-            yield self.batch(idx, None if offsets is None else offsets[sl],
-                             None if flips is None else flips[sl])
-
-    def batch(self, idx: torch.Tensor, offsets: torch.Tensor | None = None,
-              flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``idx`` (B,), cropped at ``offsets`` (B, 2) = (row, col) into the padded
-        store (None: the un-augmented centre) and mirrored where ``flips`` (B,) is true ->
-        normalized (B, C, H, W), labels (B,)."""
-        if offsets is None:
-            xb = self.images[idx]                                           # (B, C, H, W)
-            if flips is not None:
-                xb = torch.where(flips.view(-1, 1, 1, 1), xb.flip(3), xb)
-        else:
-            b, c, wp = idx.numel(), self.c, self.x_pad.shape[3]
-            rows = self._rows + offsets[:, :1]                              # (B, H)
-            cols = self._cols + offsets[:, 1:]                              # (B, W)
-            if flips is not None:
-                cols = torch.where(flips[:, None], cols.flip(1), cols)
-            # two gathers: faster than one 4-index advanced indexing (docs/benchmarks.md)
-            xb = self.x_pad[idx]                                            # (B, C, H+2p, W+2p)
-            xb = xb.gather(2, rows[:, None, :, None].expand(b, c, self.h, wp))
-            xb = xb.gather(3, cols[:, None, None, :].expand(b, c, self.h, self.w))
-        xb = normalize(xb, self.mean, self.std, self.dtype)
-        if self.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        return xb, self.y[idx]
-
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Un-augmented normalized batches in order, for measurement."""
-        for i in range(0, self.n, batch_size):
-            xb = normalize(self.images[i : i + batch_size], self.mean, self.std, self.dtype)
-            yield xb, self.y[i : i + batch_size]
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,75 +172,6 @@ def evaluate(model: nn.Module, data: Any, batch_size: int | None = None) -> tupl
     return loss_sum / count, correct / count
 
 
-#: The seed of the training subset the flatness is tracked on: the same images for every
-#: run (and, at equal size, the subset the workflow's measures see with their default seed).
-FLATNESS_SEED = 0
-#: The per-epoch history keys of the tracked flatness (CurvatureResult fields in brackets).
-FLATNESS_KEYS = {"conv_trace": "trace", "conv_relative_flatness": "relative_flatness"}
-
-
-class FlatnessTracker:
-    """The exact conv trace and relative flatness (docs/math.md Eqs. (7), (9)) of the model
-    after each epoch, on a fixed seeded subset of the training split.
-
-    The subset is the first ``n`` images of :func:`convflat.data.seeded_subset` with
-    :data:`FLATNESS_SEED`, un-augmented, drawn once from its own generator. Each
-    :meth:`measure` is one :func:`convflat.curvature.exact_curvature` call (float64
-    products) in a ``torch.random.fork_rng`` block: it draws nothing from the training
-    generator or the global RNG, leaves the model in the mode it found it in and touches no
-    parameter or gradient, so training goes exactly as without it.
-
-    The call is separate from the stopping rule's evaluation pass: sharing the trunk would
-    save the forward pass of the subset's images only (1,024 of the 50,000 of CIFAR-10) and
-    would make the stopping loss of those images come from the float64 head instead of the
-    model's own forward, so the stop could differ with tracking on and off.
-
-    A model outside the measured class (:class:`convflat.curvature.OutOfClassError`) is
-    said once in the log; then :meth:`measure` returns None values and training goes on.
-    """
-
-    def __init__(self, data: DeviceData, n: int, batch_size: int):
-        from convflat.data import seeded_subset
-
-        x, y = seeded_subset(data.images, data.y, n=n, seed=FLATNESS_SEED)
-        self.x, self.y = x, y  # uint8 (n, C, H, W) and labels, on the device
-        self.mean, self.std = data.mean, data.std
-        self.batch_size = batch_size
-        self.n = int(x.shape[0])
-        self.error: str | None = None  # set when the model cannot be measured
-
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The subset as normalized float32 batches (NCHW), in order."""
-        for i in range(0, self.n, self.batch_size):
-            yield (normalize(self.x[i : i + self.batch_size], self.mean, self.std),
-                   self.y[i : i + self.batch_size])
-
-    def describe(self) -> dict[str, Any]:
-        """For train.json: the subset and whether the model could be measured."""
-        return {"n_samples": self.n, "subset_seed": FLATNESS_SEED,
-                "keys": list(FLATNESS_KEYS), "error": self.error}
-
-    def measure(self, model: nn.Module) -> dict[str, float | None]:
-        """``{conv_trace, conv_relative_flatness}`` of ``model`` now (None once it failed)."""
-        from convflat.curvature import OutOfClassError, exact_curvature
-
-        if self.error is None:
-            dev = self.x.device
-            devices = [dev.index if dev.index is not None else torch.cuda.current_device()] \
-                if dev.type == "cuda" else []
-            try:
-                with torch.random.fork_rng(devices=devices):
-                    res = exact_curvature(model, self.batches(), device=dev)
-                return {key: getattr(res, field) for key, field in FLATNESS_KEYS.items()}
-            except OutOfClassError as exc:
-                self.error = f"not in the measured class: {exc}"
-            except ValueError as exc:  # non-finite logits: a net gone bad, not a code error
-                self.error = error_text(exc)
-            log.warning("flatness over training is off for this run (%s); training goes on",
-                        self.error)
-        return dict.fromkeys(FLATNESS_KEYS)
-
-
 # --------------------------------------------------------------------------------------------
 # train()
 # --------------------------------------------------------------------------------------------
@@ -366,6 +221,253 @@ def _first_difference(a: Any, b: Any) -> str | None:
     return None if diff is None else f"{diff[0]}: {diff[1]!r} in the checkpoint, {diff[2]!r} now"
 
 
+# --------------------------------------------------------------------------------------------
+# The run object: plan, set up, fit, record
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a run has done so far; saved in ``checkpoint.pt`` after every epoch and restored
+    from it on resume. ``stop_reason`` is one of :data:`STOP_REASONS` once the run stops."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    stop_reason: str | None = None
+    resumes: int = 0
+
+    @property
+    def diverged(self) -> bool:
+        """Whether the run stopped by a divergence rule (:func:`divergence_reason`)."""
+        return self.stop_reason in DIVERGED_REASONS
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run: its settings (:func:`plan_run`), the objects :func:`setup_run`
+    builds (model, optimizer, scheduler, the data generator, the device data, the flatness
+    tracker, the initial loss and parameter count) and its :class:`RunState`."""
+
+    spec: dict[str, Any]
+    cfg: TrainConfig
+    prepared: Prepared
+    out_dir: Path
+    device: torch.device
+    identity: dict[str, Any]
+    progress: bool | None = None
+    t_start: float = dataclasses.field(default_factory=time.perf_counter)
+    seconds_before: float = 0.0  # wall time of earlier sessions of a resumed run
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    gen: torch.Generator | None = None
+    data: DeviceData | None = None
+    tracker: FlatnessTracker | None = None
+    initial_loss: float | None = None
+    n_params: int | None = None
+    state: RunState = dataclasses.field(default_factory=RunState)
+
+    @property
+    def amp(self) -> bool:
+        """bf16 autocast for the training steps (CUDA only)."""
+        return self.cfg.amp and self.device.type == "cuda"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (:meth:`DeviceData.steps_per_epoch`)."""
+        return self.data.steps_per_epoch(self.cfg.batch_size)
+
+    def seconds(self) -> float:
+        """Wall time over all sessions so far."""
+        return self.seconds_before + time.perf_counter() - self.t_start
+
+
+def plan_run(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
+             cfg: TrainConfig | dict[str, Any], out_dir: str | os.PathLike,
+             progress: bool | None = None) -> Run:
+    """The settings of a run, resolved against the data (spec keys, augmentation, device),
+    and its output directory made, without the temporary files a killed job left there."""
+    t_start = time.perf_counter()
+    prepared = prepared if isinstance(prepared, Prepared) else load_prepared(prepared)
+    cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
+    cfg = cfg.resolve(prepared)
+    spec = spec_for(spec, prepared)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, INIT_FILE, CHECKPOINT_FILE, RECORD_FILE):
+        for stale in out_dir.glob(f".{name}.*.tmp"):  # left by a job killed mid-write
+            stale.unlink(missing_ok=True)
+    return Run(spec=spec, cfg=cfg, prepared=prepared, out_dir=out_dir,
+               device=resolve_device(cfg.device), identity=run_identity(spec, cfg, prepared),
+               progress=progress, t_start=t_start)
+
+
+def setup_run(run: Run, *, resume: bool = True) -> None:
+    """Build the run's objects, in the order that fixes its random numbers: the weights
+    right after ``torch.manual_seed(seed)`` (written to init.pt), then the data generator,
+    the device data, the initial loss (eval mode, no random numbers), the tracker, the
+    optimizer and the scheduler; then, if ``resume`` and a checkpoint exists, its state.
+    Call it inside ``torch.random.fork_rng``."""
+    cfg = run.cfg
+    torch.manual_seed(cfg.seed)
+    model = build_model(run.spec).to(run.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    save_checkpoint(run.out_dir / INIT_FILE, model, run.spec)  # the same file on resume
+    run.model, run.gen = model, seeded_generator(cfg.seed, "train_data")
+    p = run.prepared
+    run.data = DeviceData(p.x_train, p.y_train, p.mean, p.std, crop_padding=cfg.crop_padding,
+                          flip=cfg.flip, device=run.device, channels_last=cfg.channels_last)
+    run.initial_loss = evaluate(model, run.data.eval_batches(cfg.eval_batch_size))[0]
+    run.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.tracker = FlatnessTracker(run.data, cfg.track_flatness, cfg.eval_batch_size) \
+        if cfg.track_flatness else None
+    run.optimizer = make_optimizer(model, cfg)
+    run.scheduler = make_scheduler(run.optimizer, cfg, run.steps_per_epoch)
+    ckpt = run.out_dir / CHECKPOINT_FILE
+    if resume and ckpt.is_file():
+        run.state = _restore(ckpt, run)
+        run.state.resumes += 1
+        log.info("resuming %s after epoch %d", run.out_dir, run.state.epoch)
+    run.seconds_before = run.state.seconds
+
+
+def divergence_reason(losses: list[float], initial_loss: float | None,
+                      cfg: TrainConfig) -> str | None:
+    """The divergence rule (docs/training.md) on a run's per-epoch training losses so far
+    (``losses[-1]``: the epoch just trained): "diverged_non_finite" when the last is NaN or
+    infinite; "diverged_factor" when it exceeds ``cfg.divergence_factor`` times
+    ``initial_loss``; "diverged_patience" when each of the last ``cfg.divergence_patience``
+    exceeds ``initial_loss``; else None. A factor or patience of 0 (or None) turns that rule
+    off; so does an initial loss that is not finite."""
+    last = losses[-1]
+    if not math.isfinite(last):
+        return "diverged_non_finite"
+    if initial_loss is None or not math.isfinite(initial_loss):
+        return None
+    if cfg.divergence_factor and last > cfg.divergence_factor * initial_loss:
+        return "diverged_factor"
+    n = cfg.divergence_patience
+    if n and len(losses) >= n and all(v > initial_loss for v in losses[-n:]):
+        return "diverged_patience"
+    return None
+
+
+def watched_loss(entry: dict[str, Any]) -> float:
+    """The training loss of a history entry that the divergence rule reads: the eval-mode
+    loss on the whole training split where the run measures it (with ``stop_loss``), else the
+    epoch's mean minibatch loss (NaN when it was not finite)."""
+    value = entry["train_loss_eval"] if entry["train_loss_eval"] is not None else entry["loss"]
+    return math.nan if value is None else float(value)
+
+
+def fit(run: Run) -> None:
+    """The epoch loop: train an epoch, measure the training loss when stopping on it, apply
+    the divergence rule and the stopping rule, measure the flatness (tracker), checkpoint."""
+    cfg, state = run.cfg, run.state
+    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc=run.out_dir.name or "train",
+               unit="epoch", disable=None if run.progress is None else not run.progress,
+               leave=False)
+    try:
+        while state.stop_reason is None and state.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            entry = _train_epoch(run)
+            state.epoch += 1
+            state.stop_reason = _stop_reason(run, entry)
+            if run.tracker is not None and not state.diverged:
+                entry.update(run.tracker.measure(run.model))
+            entry["seconds"] = time.perf_counter() - t0
+            state.history.append(entry)
+            state.seconds = run.seconds()
+            if not state.diverged:
+                _save_state(run)
+            bar.update(1)
+            bar.set_postfix(loss=f"{entry['loss']:.4g}", acc=f"{entry['acc']:.3f}",
+                            lr=f"{entry['lr']:.3g}")
+            log.info("epoch %d/%d: loss %.4g, acc %.4f%s, lr %.3g, %.2f s", entry["epoch"],
+                     cfg.epochs, entry["loss"], entry["acc"],
+                     "" if entry["train_loss_eval"] is None
+                     else f", eval train loss {entry['train_loss_eval']:.4g}",
+                     entry["lr"], entry["seconds"])
+    finally:
+        bar.close()
+
+
+def _train_epoch(run: Run) -> dict[str, Any]:
+    """One epoch of steps; its history entry (mean minibatch loss and accuracy, the learning
+    rates of its first and last steps), with one host sync."""
+    model, optimizer, data = run.model, run.optimizer, run.data
+    lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.device)
+    count = 0
+    lr_end = lr
+    for xb, yb in data.epoch(run.gen, run.cfg.batch_size):
+        lr_end = optimizer.param_groups[0]["lr"]  # of the step about to be taken
+        loss, right = train_step(model, optimizer, xb, yb, run.scheduler, autocast=run.amp)
+        loss_sum += loss.double() * yb.shape[0]
+        correct += right
+        count += int(yb.shape[0])
+    entry = {"epoch": run.state.epoch + 1, "lr": lr, "lr_end": lr_end,
+             "loss": float(loss_sum) / count, "acc": int(correct) / count,
+             "train_loss_eval": None, "train_acc_eval": None}
+    if run.tracker is not None:
+        entry.update(dict.fromkeys(FLATNESS_KEYS))
+    return entry
+
+
+def _stop_reason(run: Run, entry: dict[str, Any]) -> str | None:
+    """After the epoch of ``entry``: measure the training loss if the run stops on it, then
+    the divergence rule, the target loss and the epoch cap, in this order."""
+    cfg, state = run.cfg, run.state
+    if math.isfinite(entry["loss"]) and cfg.stop_loss is not None:
+        loss_eval, acc_eval = evaluate(run.model, run.data.eval_batches(cfg.eval_batch_size))
+        entry.update(train_loss_eval=loss_eval, train_acc_eval=acc_eval)
+    losses = [watched_loss(e) for e in (*state.history, entry)]
+    reason = divergence_reason(losses, run.initial_loss, cfg)
+    if reason is None and cfg.stop_loss is not None and entry["train_loss_eval"] < cfg.stop_loss:
+        reason = "target_loss"
+    if reason is None and state.epoch >= cfg.epochs:
+        reason = "epochs" if cfg.stop_loss is None else "cap"
+    return reason
+
+
+def finish_run(run: Run) -> tuple[str, dict[str, Any]]:
+    """The run's status ("ok" or "diverged") and its final metrics (null when diverged)."""
+    if run.state.diverged:
+        return "diverged", _null_metrics()
+    metrics = _final_metrics(run.model, run.data, run.prepared, run.cfg, run.device)
+    if not math.isfinite(metrics["train_loss"]):
+        run.state.stop_reason = "diverged_non_finite"
+        return "diverged", _null_metrics()
+    return "ok", metrics
+
+
+def record_run(run: Run, status: str, metrics: dict[str, Any],
+               error: str | None = None) -> dict[str, Any]:
+    """Write train.json (through :func:`convflat.records.write_train_record`) and return
+    its content; the keys are those of :func:`train`'s docstring."""
+    cfg, state = run.cfg, run.state
+    record: dict[str, Any] = {
+        "format": TRAIN_FORMAT, "spec": run.spec, "config": cfg.to_dict(),
+        "run_hash": run_hash_of(run.identity), "dataset": run.prepared.describe(),
+        "stopping": {"criterion": "epochs" if cfg.stop_loss is None else "train_loss",
+                     "target": cfg.stop_loss, "cap": cfg.epochs},
+        "files": {"model": MODEL_FILE, "init": INIT_FILE},
+        **provenance(device=run.device, seed=cfg.seed, seconds=run.seconds(), status=status),
+        "epochs_run": state.epoch, "stop_reason": state.stop_reason,
+        "converged": status == "ok" and state.stop_reason in ("epochs", "target_loss"),
+        "steps": state.epoch * run.steps_per_epoch, **metrics,
+        "initial_loss": run.initial_loss, "n_params": run.n_params,
+        "lr_at_stop": _lr_at_stop(state.history),
+        "flatness_tracking": run.tracker and run.tracker.describe(),
+        "history": state.history, "resumes": state.resumes, "error": error,
+    }
+    return write_train_record(run.out_dir / RECORD_FILE, _with_versions(record))
+
+
 def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
           cfg: TrainConfig | dict[str, Any], out_dir: str | os.PathLike,
           progress: bool | None = None, *, resume: bool = True) -> dict[str, Any]:
@@ -375,21 +477,26 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
     Stopping: without ``cfg.stop_loss``, exactly ``cfg.epochs`` epochs (``stop_reason``
     "epochs"); with it, after the first epoch whose training cross-entropy, measured in eval
     mode on the full un-augmented training split, is below ``stop_loss`` ("target_loss"), or
-    after ``cfg.epochs`` epochs ("cap", ``converged`` false). A non-finite loss stops the run
-    with ``status`` "diverged" (metrics null); this is not an exception. Another error writes
-    ``status`` "failed" with the message and is re-raised.
+    after ``cfg.epochs`` epochs ("cap", ``converged`` false). A run that diverges
+    (:func:`divergence_reason`: a non-finite loss, a loss above ``divergence_factor`` times
+    the initial loss, or above the initial loss for ``divergence_patience`` epochs) stops
+    with ``status`` "diverged", ``stop_reason`` naming the rule and null metrics; this is not
+    an exception. Another error writes ``status`` "failed" with the message and is
+    re-raised.
 
     Resume: if ``out_dir/checkpoint.pt`` exists (and ``resume``), the run continues after the
     last completed epoch; the checkpoint must come from the same spec, hyperparameters and
     data (else ValueError naming the first difference).
 
-    ``train.json``: ``format``, provenance (versions, ``device``, ``seed``, ``seconds`` of wall
-    time over all sessions, ``status``), ``spec``, ``config`` (with the augmentation
-    resolved), ``run_hash``, ``dataset``, ``stopping`` {criterion, target, cap},
-    ``epochs_run``, ``stop_reason``, ``converged``, ``steps``, ``train_loss``, ``train_acc``,
-    ``test_loss``, ``test_acc`` (eval mode, full splits, losses in nats), ``loss_gap`` = test
-    - train loss, ``acc_gap`` = train - test accuracy, ``test_error``, ``train_loss_clean`` /
-    ``train_acc_clean`` (against the labels before noise), ``lr_at_stop`` (the learning
+    ``train.json`` (:data:`convflat.records.TRAIN_KEYS`): ``format``, provenance (versions,
+    ``device``, ``seed``, ``seconds`` of wall time over all sessions, ``status``), ``spec``,
+    ``config`` (with the augmentation resolved), ``run_hash``, ``dataset``, ``stopping``
+    {criterion, target, cap}, ``epochs_run``, ``stop_reason``, ``converged``, ``steps``,
+    ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` (eval mode, full splits,
+    losses in nats), ``loss_gap`` = test - train loss, ``acc_gap`` = train - test accuracy,
+    ``test_error``, ``train_loss_clean`` / ``train_acc_clean`` (against the labels before
+    noise), ``initial_loss`` (the training cross-entropy of the initial weights, measured as
+    ``train_loss_eval``), ``n_params`` (trainable parameters), ``lr_at_stop`` (the learning
     rate of the last step taken), ``flatness_tracking`` (None when off; else the subset's
     ``n_samples``, ``subset_seed``, ``keys`` and ``error``, why the model could not be
     measured, or None), ``history`` (per epoch: ``lr`` and ``lr_end``, the learning rates of
@@ -401,89 +508,29 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
 
     ``progress``: None shows a bar only on a terminal, True always, False never.
     """
-    t_start = time.perf_counter()
-    prepared = prepared if isinstance(prepared, Prepared) else load_prepared(prepared)
-    cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
-    cfg = cfg.resolve(prepared)
-    spec = spec_for(spec, prepared)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
-    channels_last = cfg.channels_last
-    identity = run_identity(spec, cfg, prepared)
-    run_hash = run_hash_of(identity)
-    ckpt_path = out_dir / CHECKPOINT_FILE
-    for name in (MODEL_FILE, INIT_FILE, CHECKPOINT_FILE, RECORD_FILE):
-        for stale in out_dir.glob(f".{name}.*.tmp"):  # left by a job killed mid-write
-            stale.unlink(missing_ok=True)
-
-    record: dict[str, Any] = {
-        "format": TRAIN_FORMAT, "spec": spec, "config": cfg.to_dict(), "run_hash": run_hash,
-        "dataset": prepared.describe(),
-        "stopping": {"criterion": "epochs" if cfg.stop_loss is None else "train_loss",
-                     "target": cfg.stop_loss, "cap": cfg.epochs},
-        "files": {"model": MODEL_FILE, "init": INIT_FILE},
-    }
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed)
-        model = build_model(spec).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        save_checkpoint(out_dir / INIT_FILE, model, spec)  # deterministic: same file on resume
-        gen = seeded_generator(cfg.seed, "train_data")
-        train_data = DeviceData(prepared.x_train, prepared.y_train, prepared.mean, prepared.std,
-                                crop_padding=cfg.crop_padding, flip=cfg.flip, device=device,
-                                channels_last=channels_last)
-        steps = train_data.steps_per_epoch(cfg.batch_size)
-        tracker = FlatnessTracker(train_data, cfg.track_flatness, cfg.eval_batch_size) \
-            if cfg.track_flatness else None
-        optimizer = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg, steps)
-        state = {"epoch": 0, "history": [], "seconds": 0.0, "stop_reason": None, "resumes": 0}
-        if resume and ckpt_path.is_file():
-            state = _restore(ckpt_path, identity, model, optimizer, scheduler, gen, device)
-            state["resumes"] += 1
-            log.info("resuming %s after epoch %d", out_dir, state["epoch"])
-        seconds_before = state["seconds"]
+    run = plan_run(spec, prepared, cfg, out_dir, progress)
+    with torch.random.fork_rng(devices=_cuda_devices(run.device)):
+        setup_run(run, resume=resume)
         try:
-            _fit(model, optimizer, scheduler, gen, train_data, prepared, cfg, state, amp,
-                 out_dir, spec, identity, progress, seconds_before, t_start, tracker)
-            status = "diverged" if state["stop_reason"] == "diverged" else "ok"
-            metrics = _final_metrics(model, train_data, prepared, cfg, device) \
-                if status == "ok" else _null_metrics()
-            if status == "ok" and not math.isfinite(metrics["train_loss"]):
-                status, state["stop_reason"], metrics = "diverged", "diverged", _null_metrics()
+            fit(run)
+            status, metrics = finish_run(run)
         except Exception as exc:
-            seconds = seconds_before + time.perf_counter() - t_start
-            record.update(provenance(device=device, seed=cfg.seed, seconds=seconds,
-                                     status="failed"))
-            record.update(epochs_run=state["epoch"], stop_reason=state["stop_reason"],
-                          converged=False, steps=state["epoch"] * steps, **_null_metrics(),
-                          lr_at_stop=_lr_at_stop(state["history"]),
-                          flatness_tracking=tracker and tracker.describe(),
-                          history=state["history"], resumes=state["resumes"],
-                          error=f"{type(exc).__name__}: {exc}")
-            atomic_write_json(out_dir / RECORD_FILE, _with_versions(record))
+            record_run(run, "failed", _null_metrics(), error=f"{type(exc).__name__}: {exc}")
             raise
+    save_checkpoint(run.out_dir / MODEL_FILE, run.model, run.spec)
+    record = record_run(run, status, metrics)
+    (run.out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    log.info("%s: %s after %d epochs (%s), train acc %s, test acc %s, %.1f s", run.out_dir,
+             status, run.state.epoch, run.state.stop_reason, metrics["train_acc"],
+             metrics["test_acc"], record["seconds"])
+    return record
 
-    save_checkpoint(out_dir / MODEL_FILE, model, spec)
-    seconds = seconds_before + time.perf_counter() - t_start
-    converged = status == "ok" and state["stop_reason"] in ("epochs", "target_loss")
-    record.update(provenance(device=device, seed=cfg.seed, seconds=seconds, status=status))
-    record.update(epochs_run=state["epoch"], stop_reason=state["stop_reason"],
-                  converged=converged, steps=state["epoch"] * steps, **metrics,
-                  lr_at_stop=_lr_at_stop(state["history"]),
-                  flatness_tracking=tracker and tracker.describe(),
-                  history=state["history"], resumes=state["resumes"], error=None)
-    atomic_write_json(out_dir / RECORD_FILE, _with_versions(record))
-    ckpt_path.unlink(missing_ok=True)
-    log.info("%s: %s after %d epochs (%s), train acc %s, test acc %s, %.1f s", out_dir, status,
-             state["epoch"], state["stop_reason"], metrics["train_acc"], metrics["test_acc"],
-             seconds)
-    return json.loads((out_dir / RECORD_FILE).read_text())
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG ``fork_rng`` saves and restores for ``device``."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,11 +540,6 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
 #: Format of the small stand-in files written for ``model.pt`` / ``init.pt`` of a failed run.
 FAILED_FORMAT = "convflat-failed/1"
 STALE_CHECKPOINT_FILE = "checkpoint.stale.pt"
-
-
-def error_text(exc: BaseException) -> str:
-    """One line for a JSON record: ``TypeName: message``."""
-    return f"{type(exc).__name__}: {exc}".strip()
 
 
 def train_or_record_failure(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
@@ -532,7 +574,7 @@ def train_or_record_failure(spec: dict[str, Any], prepared: Prepared | str | os.
             return train(spec, prepared, cfg, out_dir, progress=progress)
     except Exception as exc:  # recorded, not raised: one failed run must not stop the study
         log.exception("training failed")
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        record = _failed_record(record_path)
         if record.get("status") != "failed":
             record = {
                 **provenance(device=cfg.get("device"), seed=cfg.get("seed"),
@@ -542,7 +584,7 @@ def train_or_record_failure(spec: dict[str, Any], prepared: Prepared | str | os.
             }
         record["error"] = error_text(exc)
         record["run_id"] = run_id
-        atomic_write_json(record_path, record)
+        write_train_record(record_path, record)
         for name in (MODEL_FILE, INIT_FILE):
             if not (out_dir / name).is_file():
                 atomic_torch_save(out_dir / name, {"format": FAILED_FORMAT, "status": "failed",
@@ -551,107 +593,56 @@ def train_or_record_failure(spec: dict[str, Any], prepared: Prepared | str | os.
         return record
 
 
+def _failed_record(path: Path) -> dict[str, Any]:
+    """The train.json that :func:`train` left at ``path`` ({} if none, or unreadable)."""
+    try:
+        return read_train_record(path)
+    except (FileNotFoundError, RecordError):
+        return {}
+
+
 def _lr_at_stop(history: list[dict]) -> float | None:
     """The learning rate of the last step taken (None before the first epoch)."""
     return history[-1]["lr_end"] if history else None
 
 
-def _fit(model, optimizer, scheduler, gen, data: DeviceData, prepared: Prepared,
-         cfg: TrainConfig, state: dict, amp: bool, out_dir: Path, spec: dict, identity: dict,
-         progress: bool | None, seconds_before: float, t_start: float,
-         tracker: FlatnessTracker | None = None) -> None:
-    """The epoch loop: train, maybe measure the train loss and the flatness (``tracker``),
-    checkpoint, decide to stop."""
-    bar = tqdm(total=cfg.epochs, initial=state["epoch"], desc=out_dir.name or "train",
-               unit="epoch", disable=None if progress is None else not progress, leave=False)
-    try:
-        while state["stop_reason"] is None and state["epoch"] < cfg.epochs:
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]  # at the epoch's first step
-            model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
-            correct = torch.zeros((), dtype=torch.int64, device=data.device)
-            count = 0
-            lr_end = lr
-            for xb, yb in data.epoch(gen, cfg.batch_size):
-                lr_end = optimizer.param_groups[0]["lr"]  # of the step about to be taken
-                loss, right = train_step(model, optimizer, xb, yb, scheduler, autocast=amp)
-                loss_sum += loss.double() * yb.shape[0]
-                correct += right
-                count += int(yb.shape[0])
-            mean_loss = float(loss_sum) / count  # one host sync per epoch
-            entry = {"epoch": state["epoch"] + 1, "lr": lr, "lr_end": lr_end,
-                     "loss": mean_loss, "acc": int(correct) / count,
-                     "train_loss_eval": None, "train_acc_eval": None}
-            if tracker is not None:
-                entry.update(dict.fromkeys(FLATNESS_KEYS))
-            state["epoch"] += 1
-            if not math.isfinite(mean_loss):
-                state["stop_reason"] = "diverged"
-            elif cfg.stop_loss is not None:
-                loss_eval, acc_eval = evaluate(model, data.eval_batches(cfg.eval_batch_size))
-                entry.update(train_loss_eval=loss_eval, train_acc_eval=acc_eval)
-                if not math.isfinite(loss_eval):
-                    state["stop_reason"] = "diverged"
-                elif loss_eval < cfg.stop_loss:
-                    state["stop_reason"] = "target_loss"
-            if state["stop_reason"] is None and state["epoch"] >= cfg.epochs:
-                state["stop_reason"] = "epochs" if cfg.stop_loss is None else "cap"
-            if tracker is not None and state["stop_reason"] != "diverged":
-                entry.update(tracker.measure(model))
-            entry["seconds"] = time.perf_counter() - t0
-            state["history"].append(entry)
-            state["seconds"] = seconds_before + time.perf_counter() - t_start
-            if state["stop_reason"] != "diverged":
-                _save_state(out_dir / CHECKPOINT_FILE, model, spec, optimizer, scheduler, gen,
-                            state, identity, data.device)
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4g}", acc=f"{entry['acc']:.3f}",
-                            lr=f"{entry['lr']:.3g}")
-            log.info("epoch %d/%d: loss %.4g, acc %.4f%s, lr %.3g, %.2f s", entry["epoch"],
-                     cfg.epochs, mean_loss, entry["acc"],
-                     "" if entry["train_loss_eval"] is None
-                     else f", eval train loss {entry['train_loss_eval']:.4g}",
-                     entry["lr"], entry["seconds"])
-    finally:
-        bar.close()
-
-
-def _save_state(path: Path, model, spec, optimizer, scheduler, gen: torch.Generator,
-                state: dict, identity: dict, device: torch.device) -> None:
+def _save_state(run: Run) -> None:
     """The resumable checkpoint: a ``convflat-model/1`` file plus ``train_state``."""
+    state = run.state
     train_state = {
-        "identity": identity,
-        "epoch": state["epoch"], "history": state["history"], "seconds": state["seconds"],
-        "stop_reason": state["stop_reason"], "resumes": state["resumes"],
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "data_rng": gen.get_state(), "cpu_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "identity": run.identity,
+        "epoch": state.epoch, "history": state.history, "seconds": state.seconds,
+        "stop_reason": state.stop_reason, "resumes": state.resumes,
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "data_rng": run.gen.get_state(), "cpu_rng": torch.get_rng_state(),
+        "cuda_rng": (torch.cuda.get_rng_state(run.device) if run.device.type == "cuda"
+                     else None),
     }
-    save_checkpoint(path, model, spec, train_state=train_state)
+    save_checkpoint(run.out_dir / CHECKPOINT_FILE, run.model, run.spec, train_state=train_state)
 
 
-def _restore(path: Path, identity: dict, model, optimizer, scheduler, gen: torch.Generator,
-             device: torch.device) -> dict:
-    """Load a checkpoint written by :func:`_save_state` into the freshly built objects."""
+def _restore(path: Path, run: Run) -> RunState:
+    """Load a checkpoint written by :func:`_save_state` into the run's freshly built
+    objects; return the state it saved."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=run.device, weights_only=True)
         ts = ckpt["train_state"]
     except Exception as exc:  # any unreadable checkpoint gets one message
         raise ValueError(f"{path} is not a resumable convflat checkpoint ({exc}); delete it "
                          "to start the run again") from exc
-    diff = _first_difference(ts["identity"], identity)
+    diff = _first_difference(ts["identity"], run.identity)
     if diff:
         raise ValueError(f"{path} belongs to another run ({diff}); delete it or choose "
                          "another output directory")
-    model.load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ts["optimizer"])
-    scheduler.load_state_dict(ts["scheduler"])
-    gen.set_state(ts["data_rng"].cpu())
+    run.model.load_state_dict(ckpt["state_dict"])
+    run.optimizer.load_state_dict(ts["optimizer"])
+    run.scheduler.load_state_dict(ts["scheduler"])
+    run.gen.set_state(ts["data_rng"].cpu())
     torch.set_rng_state(ts["cpu_rng"].cpu())
-    if ts["cuda_rng"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(ts["cuda_rng"].cpu(), device)
-    return {k: ts[k] for k in ("epoch", "history", "seconds", "stop_reason", "resumes")}
+    if ts["cuda_rng"] is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(ts["cuda_rng"].cpu(), run.device)
+    return RunState(**{k: ts[k] for k in ("epoch", "history", "seconds", "stop_reason",
+                                          "resumes")})
 
 
 def _final_metrics(model, train_data: DeviceData, prepared: Prepared, cfg: TrainConfig,

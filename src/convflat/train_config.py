@@ -49,6 +49,13 @@ class TrainConfig:
     stop_loss: float | None = _option(
         None, "stop after the first epoch whose training cross-entropy (eval mode, full "
         "split, nats) is below this, e.g. 0.01 (unset: run all epochs)")
+    divergence_factor: float | None = _option(
+        10.0, "diverged: stop as soon as an epoch's training loss exceeds this many times the "
+        "initial loss (the loss is the eval-mode one of stop_loss when set, else the epoch's "
+        "mean minibatch loss; docs/training.md); 0 or unset: off")
+    divergence_patience: int | None = _option(
+        10, "diverged: stop when the training loss stays above the initial loss for this "
+        "many epochs in a row; 0 or unset: off")
     # -- optimisation
     batch_size: int = _option(128, "images per step (the last partial batch is dropped)")
     optimizer: str = _option("sgd", "sgd (heavy-ball momentum) or adam",
@@ -115,10 +122,16 @@ class TrainConfig:
             bad("crop_padding", "must be a non-negative integer or None")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             bad("nesterov", "needs optimizer='sgd' and momentum > 0")
-        if self.track_flatness is not None and (isinstance(self.track_flatness, bool)
-                                                or not isinstance(self.track_flatness, int)
-                                                or self.track_flatness < 0):
-            bad("track_flatness", "must be a non-negative integer or None")
+        for key in ("track_flatness", "divergence_patience"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                bad(key, "must be a non-negative integer or None")
+        factor = self.divergence_factor
+        if factor is not None and (isinstance(factor, bool)
+                                   or not isinstance(factor, (int, float))
+                                   or not (factor == 0 or (factor > 1 and math.isfinite(factor)))):
+            bad("divergence_factor", "must be 0 (off), None (off) or a finite number > 1")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (``step_milestones`` as a list)."""

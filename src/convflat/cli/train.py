@@ -43,17 +43,26 @@ from convflat.cli._args import (
     positive_int,
 )
 from convflat.cli.prepare import add_data_arguments, load_data
+from convflat.records import (
+    CHECKPOINT_FILE,
+    INIT_FILE,
+    MEASURES_FILE,
+    MODEL_FILE,
+    RECORD_FILE,
+    RecordError,
+    read_train_record,
+)
 
 #: flag -> (spec key, argparse kwargs): one flag per key of the spec dataclasses of
 #: :mod:`convflat.model_spec` (the data's keys aside)
 MODEL_FLAGS = model_flags()
 
 #: TrainConfig integer fields that may be 0 (every other integer field must be positive).
-_NON_NEGATIVE = {"seed", "crop_padding", "track_flatness"}
+_NON_NEGATIVE = {"seed", "crop_padding", "track_flatness", "divergence_patience"}
 
 #: Files a run directory may hold that belong to the run; --overwrite removes exactly these.
-RUN_FILES = ("model.pt", "init.pt", "checkpoint.pt", "train.json", "checkpoint.stale.pt",
-             "measures.json")
+RUN_FILES = (MODEL_FILE, INIT_FILE, CHECKPOINT_FILE, RECORD_FILE, "checkpoint.stale.pt",
+             MEASURES_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +202,11 @@ def _existing_run(out: Path, identity: dict, run_hash: str) -> tuple[str, str]:
     present = [n for n in RUN_FILES if (out / n).exists()]
     if not present:
         return "none", ""
-    record_path = out / "train.json"
+    record_path = out / RECORD_FILE
     if record_path.is_file():
         try:
-            record = json.loads(record_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            record = read_train_record(record_path)
+        except (OSError, RecordError) as exc:
             return "other", f"{record_path} is unreadable ({exc})"
         old = {"spec": record.get("spec"), "config": dict(record.get("config") or {})}
         new = {"spec": identity["spec"], "config": dict(identity["config"])}
@@ -207,10 +216,10 @@ def _existing_run(out: Path, identity: dict, run_hash: str) -> tuple[str, str]:
         if not same:
             diff = _first_difference(old, new) or "the dataset differs"
             return "other", diff
-        if record.get("status") in ("ok", "diverged") and (out / "model.pt").is_file():
+        if record["status"] in ("ok", "diverged") and (out / MODEL_FILE).is_file():
             return "finished", str(record.get("status"))
         return "resume", str(record.get("status"))
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / CHECKPOINT_FILE
     if ckpt.is_file():
         try:
             old_identity = torch.load(ckpt, map_location="cpu",
@@ -219,7 +228,7 @@ def _existing_run(out: Path, identity: dict, run_hash: str) -> tuple[str, str]:
             return "other", f"{ckpt} is not a resumable checkpoint"
         diff = _first_difference(old_identity, identity)
         return ("other", diff) if diff else ("resume", "unfinished")
-    init = out / "init.pt"
+    init = out / INIT_FILE
     if init.is_file():
         try:
             old_spec = torch.load(init, map_location="cpu", weights_only=True).get("spec")
@@ -227,7 +236,7 @@ def _existing_run(out: Path, identity: dict, run_hash: str) -> tuple[str, str]:
             return "other", f"{init} is unreadable"
         diff = _first_difference({"spec": old_spec}, {"spec": identity["spec"]})
         return ("other", diff) if diff else ("resume", "not started")
-    return "other", f"it holds {', '.join(present)} but no train.json"
+    return "other", f"it holds {', '.join(present)} but no {RECORD_FILE}"
 
 
 def _clear(out: Path) -> list[str]:
@@ -273,7 +282,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"--overwrite: removed {', '.join(removed) or 'nothing'} from {out}")
     elif state == "finished":
         print(f"skipped: {out} already holds this run, finished with status {why} "
-              f"({out / 'train.json'}); --overwrite trains it again")
+              f"({out / RECORD_FILE}); --overwrite trains it again")
         return 0
     elif state == "other":
         raise CLIError(f"{out} holds another run ({why}); give another --out, or --overwrite "
@@ -287,5 +296,5 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"{record['status']}: {record['epochs_run']} epochs ({record['stop_reason']}), "
           f"train loss {fmt(record['train_loss'])} acc {fmt(record['train_acc'])}, "
           f"test loss {fmt(record['test_loss'])} acc {fmt(record['test_acc'])} "
-          f"-> {out / 'train.json'}")
+          f"-> {out / RECORD_FILE}")
     return 0

@@ -105,11 +105,7 @@ def worst_case_sharpness(
     ``last_relative_change`` (the stopping quantity at the end) and ``converged`` (whether it
     fell below ``tol`` before the cap).
     """
-    if norm not in ("l2", "linf"):
-        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
-    if rho < 0 or max_steps < 1 or window < 1 or tol < 0:
-        raise ValueError(f"need rho >= 0, max_steps >= 1, window >= 1 and tol >= 0, got "
-                         f"rho={rho}, max_steps={max_steps}, window={window}, tol={tol}")
+    _check_ascent(rho=rho, max_steps=max_steps, tol=tol, window=window, norm=norm)
     params = ctx.params()
     scale = _scales(params, adaptive, eta)
     eps = [torch.zeros_like(p) for p in params]
@@ -125,15 +121,8 @@ def worst_case_sharpness(
             best, best_loss = loss - base, loss
         history.append(best)
 
-    def change() -> float:
-        if len(history) <= window:
-            return math.inf
-        now, then = history[-1], history[-1 - window]
-        return (now - then) / now if now > 0 else 0.0
-
-    moved = False  # whether eps changed since the last loss evaluation
-    taken = 0
-    converged = False
+    # moved: whether eps changed since the last loss evaluation; taken: ascent steps
+    moved, taken, converged = False, 0, False
     while True:
         with perturbed(params, delta()):
             loss, grads = ctx.loss_and_grad(params)
@@ -141,7 +130,7 @@ def worst_case_sharpness(
             base, best_loss = loss, loss  # the same code path as every perturbed loss
         record(loss)
         moved = False
-        if change() < tol:
+        if _relative_change(history, window) < tol:
             converged = True
             break
         g = [c * gr for c, gr in zip(scale, grads, strict=True)]
@@ -149,17 +138,10 @@ def worst_case_sharpness(
         if alpha == 0.0:
             converged = True
             break  # rho = 0: the ball is the point w
-        if norm == "l2":
-            gn = float(_norm(g, "l2"))
-            if gn == 0.0:
-                converged = True
-                break  # a stationary point of the rescaled loss: no ascent direction
-            eps = [e + (alpha / gn) * gi for e, gi in zip(eps, g, strict=True)]
-            en = float(_norm(eps, "l2"))
-            if en > rho:
-                eps = [e * (rho / en) for e in eps]
-        else:
-            eps = [(e + alpha * gi.sign()).clamp(-rho, rho) for e, gi in zip(eps, g, strict=True)]
+        eps = _ascent_step(eps, g, alpha, rho, norm)
+        if eps is None:
+            converged = True
+            break  # a stationary point of the rescaled loss: no ascent direction
         moved = True
         taken += 1
         if taken == max_steps:
@@ -168,8 +150,8 @@ def worst_case_sharpness(
         with perturbed(params, delta()):
             loss, _ = ctx.loss_accuracy()
         record(loss)
-        converged = change() < tol
-    last = change()
+        converged = _relative_change(history, window) < tol
+    last = _relative_change(history, window)
     return {"value": best, "loss": best_loss, "base_loss": base, "steps": taken,
             "last_relative_change": None if math.isinf(last) else last,
             "converged": converged}
@@ -193,6 +175,41 @@ def keskar_sharpness(
                              norm="linf", adaptive=True, eta=1.0, step_fraction=step_fraction)
     rise = r.pop("value")
     return {"value": 100.0 * rise / (1.0 + r["base_loss"]), "rise": rise, **r}
+
+
+def _relative_change(history: list[float], window: int) -> float:
+    """The ascent's stopping quantity: (b_t - b_{t-window}) / b_t of the best increases
+    ``history`` (inf before ``window`` + 1 of them, 0 while the best is 0)."""
+    if len(history) <= window:
+        return math.inf
+    now, then = history[-1], history[-1 - window]
+    return (now - then) / now if now > 0 else 0.0
+
+
+def _check_ascent(*, rho: float, max_steps: int, tol: float, window: int, norm: str) -> None:
+    """:func:`worst_case_sharpness`'s ascent settings, each checked by name."""
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if rho < 0 or max_steps < 1 or window < 1 or tol < 0:
+        raise ValueError(f"need rho >= 0, max_steps >= 1, window >= 1 and tol >= 0, got "
+                         f"rho={rho}, max_steps={max_steps}, window={window}, tol={tol}")
+
+
+def _ascent_step(eps: list[torch.Tensor], g: list[torch.Tensor], alpha: float, rho: float,
+                 norm: str) -> list[torch.Tensor] | None:
+    """One projected ascent step of size ``alpha`` from ``eps`` along the rescaled gradient
+    ``g``: normalised and projected onto the l2 ball of radius ``rho``, or signed and
+    clamped to the linf ball. None when the l2 gradient is zero (no ascent direction)."""
+    if norm == "l2":
+        gn = float(_norm(g, "l2"))
+        if gn == 0.0:
+            return None
+        eps = [e + (alpha / gn) * gi for e, gi in zip(eps, g, strict=True)]
+        en = float(_norm(eps, "l2"))
+        if en > rho:
+            eps = [e * (rho / en) for e in eps]
+        return eps
+    return [(e + alpha * gi.sign()).clamp(-rho, rho) for e, gi in zip(eps, g, strict=True)]
 
 
 def average_sharpness(
