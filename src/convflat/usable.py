@@ -94,6 +94,10 @@ def unusable_reason(row: Mapping[str, Any], *, require_converged: bool = True) -
     if category.startswith("status="):
         error = row.get("error")
         has_error = error is not None and str(error) not in ("", "nan", "None")
+        stop = row.get("stop_reason")
+        if category == "status=diverged" and stop not in (None, "", "diverged") \
+                and str(stop) != "nan":
+            category += f" ({stop})"  # which rule stopped it: diverged_factor, ...
         return category + (f": {error}" if has_error else "")
     if category == CATEGORIES[1]:
         return (f"diverged: final training loss {_number(row.get('train_loss')):.4g} is not "
