@@ -49,7 +49,12 @@ Modules: :mod:`~convflat.curvature.head` (is the conv in the class: :func:`find_
 :mod:`~convflat.curvature.options` (:class:`CurvatureOptions`).
 """
 
-from convflat.curvature.driver import CurvatureResult, classifier_curvature, exact_curvature
+from convflat.curvature.driver import (
+    CurvatureResult,
+    ZeroCurvatureWarning,
+    classifier_curvature,
+    exact_curvature,
+)
 from convflat.curvature.head import Head, OutOfClassError, find_head
 from convflat.curvature.options import CurvatureOptions
 from convflat.curvature.plan import HeadBatch, head_batch
@@ -60,6 +65,7 @@ __all__ = [
     "Head",
     "HeadBatch",
     "OutOfClassError",
+    "ZeroCurvatureWarning",
     "classifier_curvature",
     "exact_curvature",
     "find_head",

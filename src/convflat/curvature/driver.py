@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,47 @@ class CurvatureResult:
         if include_blocks:
             d["block_traces"] = self.block_traces.tolist()
         return d
+
+
+class ZeroCurvatureWarning(UserWarning):
+    """Every block trace of the measured conv is exactly 0: the loss does not depend on its
+    kernel at these weights (typically a BatchNorm with gamma = 0 right after it, as timm
+    initializes the last BatchNorm of each residual block)."""
+
+
+def _zero_gamma_norm(head: Head) -> str | None:
+    """The name of a BatchNorm in the head whose gamma is 0 in every channel, if any (module
+    or functional call, as in timm's ``BatchNormAct2d``)."""
+    gm = head._gm
+    for node in head._region:
+        weight, name = None, None
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                weight, name = mod.weight, str(node.target)
+        elif node.op == "call_function" and node.target is F.batch_norm:
+            w = node.args[3] if len(node.args) > 3 else node.kwargs.get("weight")
+            if w is not None and getattr(w, "op", None) == "get_attr":
+                weight, name = gm.get_parameter(w.target), str(w.target).rsplit(".", 1)[0]
+        if weight is not None and not bool(weight.detach().any()):
+            return name
+    return None
+
+
+def _warn_if_zero(res: CurvatureResult, head: Head) -> None:
+    """Say so when the Hessian in the kernel is exactly 0, and why when a zero-gamma
+    BatchNorm explains it."""
+    if bool(res.block_traces.any()):
+        return
+    norm = _zero_gamma_norm(head)
+    why = (f"the BatchNorm '{norm}' after it has gamma = 0 in every channel, so the loss does "
+           "not depend on this kernel (timm zero-initializes the last BatchNorm of each "
+           "residual block: a fresh timm ResNet measures 0 here)" if norm is not None else
+           "the loss does not depend on this kernel at these weights (a zero classifier, a "
+           "zero scaling or dead activations after the conv)")
+    warnings.warn(f"exact_curvature: the trace and every block trace of '{res.layer}' are "
+                  f"exactly 0: {why}; measure trained weights or pass layer= to choose "
+                  "another conv", ZeroCurvatureWarning, stacklevel=3)
 
 
 def classifier_curvature(features: torch.Tensor, probs: torch.Tensor, V: torch.Tensor
@@ -248,7 +290,7 @@ class _Measurement:
         """Per-batch sums: classifier trace and kappa (Eqs. (12), (13)), loss, accuracy."""
         _check_finite(z, bi, z.shape[0])
         p = torch.softmax(z, dim=1)
-        ctr, ckap = classifier_curvature(g, p, self.plan.V)
+        ctr, ckap = classifier_curvature(g, p, self.plan.V_full)
         self.clf_tr += ctr.to(self.acc)
         self.clf_kap += ckap.to(self.acc)
         self.loss_sum += F.cross_entropy(z, y, reduction="sum").to(self.acc)
@@ -342,6 +384,10 @@ def exact_curvature(
         ValueError: a bad ``route``, empty data, labels outside 0..K-1 or not one per input,
             non-finite logits.
 
+    Warns:
+        ZeroCurvatureWarning: every block trace is exactly 0, and why (a BatchNorm with
+            gamma = 0 after the conv, as in a fresh timm ResNet's last block, is named).
+
     Examples:
         >>> import torch
         >>> from torch import nn
@@ -378,4 +424,6 @@ def exact_curvature(
             if x.shape[0] > 0:
                 run.add_batch(bi, x.to(device=dev, dtype=mdtype), y)
         bar.close()
-    return run.result(start)
+    res = run.result(start)
+    _warn_if_zero(res, head)
+    return res

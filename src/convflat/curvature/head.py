@@ -61,6 +61,7 @@ _MUL_METHODS = {"mul", "mul_", "div", "div_"}
 _FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
 _FLATTEN_METHODS = {"flatten", "view", "reshape", "squeeze"}
 _SHAPE_METHODS = {"size", "dim"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 # The walk from the conv to the output. States: "spatial" (between the conv and the GAP),
 # "pooled" (after the GAP), "logits" (the single Linear's output, which must be the model's
@@ -71,10 +72,15 @@ _TRANSITIONS: dict[tuple[str | None, str], str] = {
     ("spatial", "elementwise_or_flatten"): "spatial",  # dropout, identity
     ("spatial", "add"): "spatial",  # residual add of a tensor that does not depend on the conv
     ("spatial", "mul"): "spatial",  # scaling by such a tensor
+    ("spatial", "combine_elementwise"): "spatial",  # x * sigmoid(x): both from the same a
+    ("spatial", "cat_channels"): "spatial",  # next to channels that do not depend on the conv
     ("spatial", "gap"): "pooled",
     ("pooled", "flatten"): "pooled",
     ("pooled", "elementwise_or_flatten"): "pooled",  # dropout, identity on the features
     ("pooled", "linear"): "logits",
+    ("pooled", "conv_classifier"): "logits",  # a 1x1 conv on the pooled 1x1 map is linear
+    ("logits", "flatten"): "logits",  # (B, K, 1, 1) -> (B, K) after a 1x1-conv classifier
+    ("logits", "elementwise_or_flatten"): "logits",  # timm's head: Identity after the fc
 }
 
 # Why any other op is refused: the first row whose state and kind match (None: any) gives the
@@ -83,14 +89,24 @@ _REFUSALS: tuple[tuple[str | None, str | None, str], ...] = (
     (None, "combines",
      "combines two tensors that both depend on the conv (filters or positions are mixed, as "
      "in squeeze-and-excitation or a second branch)"),
+    (None, "combines_pooled",
+     "combines the conv's output with a tensor computed from its pooled features (filters "
+     "are mixed: squeeze-and-excitation or attention gating before the pool is not in the "
+     "class)"),
+    (None, "cat_other",
+     "concatenates the conv's output other than once along the channels with tensors that "
+     "do not depend on the kernel"),
     (None, "batch_stats_norm",
      "normalizes with the statistics of the batch even in eval mode (BatchNorm without "
      "running statistics), so one sample's loss depends on the others"),
     ("logits", None,
-     "follows nn.Linear '{linear}' on the pooled features: exactly one nn.Linear must lead "
-     "straight to the model's output (an MLP head, or squeeze-and-excitation gating the "
-     "features, is not in the class)"),
+     "follows the classifier '{linear}' on the pooled features: exactly one linear map "
+     "(nn.Linear or 1x1 conv) must lead straight to the model's output (an MLP head, or "
+     "squeeze-and-excitation gating the features, is not in the class)"),
     ("spatial", "operand_right", "has the conv output on the right-hand side of a '-' or '/'"),
+    ("pooled", "conv",
+     "is a convolution on the pooled features that is not a linear classifier (only a 1x1 "
+     "conv without padding or groups is)"),
     (None, "conv", "is a second convolution after the chosen one"),
     (None, "functional_linear", "is a functional linear layer (use nn.Linear)"),
     (None, "linear", "is applied before global average pooling"),
@@ -150,7 +166,7 @@ class Head:
     conv_name: str
     conv: nn.Conv2d
     linear_name: str
-    linear: nn.Linear
+    linear: nn.Linear | nn.Conv2d  # nn.Linear, or a 1x1 conv on the pooled map (dla34)
     piecewise_linear: bool  # True when sigma'' vanishes a.e. on the head (ReLU-like only)
     ops: list[str] = field(default_factory=list)  # the ops between conv and classifier
     # fx plumbing (internal): the traced model, the conv node, region and external inputs
@@ -160,9 +176,25 @@ class Head:
     _externals: list[fx.Node] = field(default_factory=list, repr=False)
     _feature_node: fx.Node | None = field(default=None, repr=False)
     _linear_node: fx.Node | None = field(default=None, repr=False)
+    _logits_node: fx.Node | None = field(default=None, repr=False)
+    # channel concatenations between the conv and the pool: (cat node, index of the
+    # conv-dependent tensor in its list); the conv's channels sit at an offset in the features
+    _cats: list[tuple[fx.Node, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def classifier_weight(self) -> torch.Tensor:
+        """The classifier's weight as a (K, C_features) matrix (a 1x1 conv's (K, C, 1, 1)
+        kernel reshaped), detached."""
+        w = self.linear.weight.detach()
+        return w.reshape(w.shape[0], -1)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
+    """The forward traced in eval mode (the mode it is measured in): Python branches on
+    ``self.training``, such as timm's ``BatchNormAct2d`` choosing batch statistics, are
+    resolved as in eval; every module's own flag is restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types; all mean "cannot verify the head"
@@ -172,6 +204,16 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             "pooling and one linear layer, so the forward must be traceable (no data-dependent "
             "Python control flow)"
         ) from exc
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _is_linear_conv(mod: nn.Module) -> bool:
+    """A conv that is a linear map of the channels alone (1x1 kernel, no padding, one group):
+    on the pooled 1x1 map it is a linear classifier with weight ``(K, C, 1, 1)``."""
+    return (isinstance(mod, nn.Conv2d) and _is_one(mod.kernel_size) and mod.groups == 1
+            and mod.padding in (0, (0, 0), "valid"))
 
 
 def _classify_module(mod: nn.Module) -> tuple[str, bool]:
@@ -187,14 +229,48 @@ def _classify_module(mod: nn.Module) -> tuple[str, bool]:
         return "flatten", True
     if isinstance(mod, nn.Linear):
         return "linear", True
+    if _is_linear_conv(mod):
+        return "conv_classifier", True
     if isinstance(mod, nn.Conv2d):
         return "conv", True
     return "other", True
 
 
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """Argument ``i`` (or keyword ``name``) of a call node."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _classify_batch_norm(node: fx.Node, dep: fx.Node) -> str:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training, ...)``, the form
+    timm's ``BatchNormAct2d`` calls: with ``training=False`` and the model's running
+    statistics it is a per-channel affine map (elementwise); with ``training=True`` or no
+    running statistics it normalizes by the batch."""
+    if _arg(node, 0, "input") is not dep:
+        return "other"
+    mean, var = _arg(node, 1, "running_mean"), _arg(node, 2, "running_var")
+    if _arg(node, 5, "training", False) is not False or mean is None or var is None:
+        return "batch_stats_norm"
+    stats = [mean, var, _arg(node, 3, "weight"), _arg(node, 4, "bias")]
+    if all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr") for a in stats):
+        return "elementwise"
+    return "other"  # statistics computed in the forward: not the model's fixed buffers
+
+
+def _classify_cat(node: fx.Node, dep: fx.Node) -> str:
+    """``torch.cat(tensors, dim)``: in the class when the conv-dependent tensor is one element
+    of ``tensors``, exactly once, and ``dim`` is the channel dim (the other elements do not
+    depend on the kernel: a DenseNet block's concatenation)."""
+    tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+    if (isinstance(tensors, (list, tuple)) and dim in (1, -3)
+            and sum(1 for t in tensors if t is dep) == 1):
+        return "cat_channels"
+    return "cat_other"
+
+
 def _classify_function(tgt: Any, right: bool) -> tuple[str, bool]:
     """``(kind, piecewise_linear)`` of a function; ``right``: the conv-dependent tensor is not
-    its first argument."""
+    its first argument (functional batch norm and concatenation: see :func:`_classify`)."""
     if tgt in _ELEMENTWISE_FUNCTIONS:
         return ("elementwise_or_flatten" if tgt is F.dropout else "elementwise",
                 _ELEMENTWISE_FUNCTIONS[tgt])
@@ -226,16 +302,40 @@ def _classify_method(tgt: str, right: bool) -> tuple[str, bool]:
     return "other", True
 
 
+def _is_arithmetic(node: fx.Node) -> bool:
+    """``+ - * /`` in any form (operator, torch function, tensor method)."""
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS | _MUL_FUNCTIONS
+    return node.op == "call_method" and node.target in _ADD_METHODS | _MUL_METHODS
+
+
+def _classify_combination(node: fx.Node, states: list[str], after_cat: bool
+                          ) -> tuple[str, bool]:
+    """A node with two or more conv-dependent inputs in ``states``. ``+ - * /`` of tensors
+    that are all elementwise functions of the conv output ``a`` (state spatial, no channel
+    concatenation upstream, which would shift channels against each other) is elementwise
+    (``x * sigmoid(x)``): each output entry depends on one entry of ``a``."""
+    if set(states) == {"spatial"} and not after_cat and _is_arithmetic(node):
+        name = node.target if node.op == "call_method" else node.target.__name__
+        return "combine_elementwise", name.rstrip("_").lstrip("i") in ("add", "sub")
+    if "spatial" in states and set(states) - {"spatial"}:
+        return "combines_pooled", True
+    return "combines", True
+
+
 def _classify(node: fx.Node, gm: fx.GraphModule, deps: list[fx.Node]) -> tuple[str, bool]:
-    """What a node that consumes the conv-dependent tensors ``deps`` does, whatever its form
-    (module, function or method): ``(kind, piecewise_linear)`` with kind one of elementwise,
-    elementwise_or_flatten (dropout, identity), add, mul, operand_right (``x - a`` or
-    ``x / a``), gap, flatten, linear, functional_linear, conv, combines (two conv-dependent
-    inputs), batch_stats_norm (BatchNorm without running statistics), other."""
-    if len(deps) > 1:
-        return "combines", True
+    """What a node that consumes the one conv-dependent tensor ``deps[0]`` does, whatever its
+    form (module, function or method): ``(kind, piecewise_linear)`` with kind one of
+    elementwise, elementwise_or_flatten (dropout, identity), add, mul, operand_right
+    (``x - a`` or ``x / a``), gap, flatten, linear, conv_classifier (1x1 conv), functional_linear,
+    conv, batch_stats_norm (BatchNorm without running statistics), cat_channels, cat_other,
+    other. Nodes with several conv-dependent inputs: :func:`_classify_combination`."""
     if _is_gap(node, gm):
         return "gap", True
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return _classify_batch_norm(node, deps[0]), True
+    if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+        return _classify_cat(node, deps[0]), True
     # keyword-only arguments count as the right-hand side: '-' and '/' are then refused
     right = not node.args or node.args[0] is not deps[0]
     if node.op == "call_module":
@@ -262,6 +362,8 @@ class _Walk:
     ops: list[str] = field(default_factory=list)
     piecewise: bool = True
     linear_node: fx.Node | None = None
+    cats: list[tuple[fx.Node, int]] = field(default_factory=list)  # (cat, index of the conv's)
+    logits_node: fx.Node | None = None  # the model's output: the classifier's, or flattened
 
 
 def _walk(gm: fx.GraphModule, conv_node: fx.Node) -> _Walk:
@@ -270,6 +372,7 @@ def _walk(gm: fx.GraphModule, conv_node: fx.Node) -> _Walk:
     anywhere and carry no dependence; arithmetic on shapes stays in the region."""
     state: dict[fx.Node, str] = {conv_node: "spatial"}
     shape_nodes: set[fx.Node] = set()
+    after_cat: set[fx.Node] = set()  # downstream of a channel concatenation
     walk = _Walk()
     for node in gm.graph.nodes:
         if node is conv_node or node.op in ("placeholder", "get_attr"):
@@ -277,11 +380,14 @@ def _walk(gm: fx.GraphModule, conv_node: fx.Node) -> _Walk:
         inputs = node.all_input_nodes
         deps = [n for n in inputs if n in state]
         if node.op == "output":
-            if deps and (walk.linear_node is None or node.args[0] is not walk.linear_node):
+            out = node.args[0]
+            if deps and (walk.linear_node is None or not isinstance(out, fx.Node)
+                         or state.get(out) != "logits"):
                 raise _refuse(gm, conv_node, deps[0],
                               "reaches the model's output without passing a global average "
                               "pool and one nn.Linear (or the output is not the classifier's "
                               "logits alone)")
+            walk.logits_node = out if deps else None
             continue
         if not deps:
             if node.op in ("call_function", "call_method") and any(
@@ -293,8 +399,13 @@ def _walk(gm: fx.GraphModule, conv_node: fx.Node) -> _Walk:
         if _is_shape_query(node):
             shape_nodes.add(node)
             continue
-        src_state = state[deps[0]] if len(deps) == 1 else None
-        kind, piecewise = _classify(node, gm, deps)
+        states = [state[n] for n in deps]
+        src_state = states[0] if len(set(states)) == 1 else None
+        if len(deps) > 1:
+            kind, piecewise = _classify_combination(node, states,
+                                                    any(n in after_cat for n in deps))
+        else:
+            kind, piecewise = _classify(node, gm, deps)
         nxt = _TRANSITIONS.get((src_state, kind))
         if nxt is None:
             linear = walk.linear_node.target if walk.linear_node is not None else None
@@ -303,7 +414,12 @@ def _walk(gm: fx.GraphModule, conv_node: fx.Node) -> _Walk:
         state[node] = nxt
         walk.piecewise &= piecewise
         walk.ops.append(_describe(node, gm))
-        if nxt == "logits":
+        if kind == "cat_channels":
+            walk.cats.append((node, next(i for i, t in enumerate(node.args[0])
+                                         if t is deps[0])))
+        if kind == "cat_channels" or any(n in after_cat for n in deps):
+            after_cat.add(node)
+        if kind in ("linear", "conv_classifier"):
             walk.linear_node = node
     return walk
 
@@ -351,7 +467,24 @@ def _check_head(gm: fx.GraphModule, conv_node: fx.Node) -> Head:
         _externals=externals,
         _feature_node=linear_node.args[0],
         _linear_node=linear_node,
+        _logits_node=walk.logits_node,
+        _cats=walk.cats,
     )
+
+
+def _pooled(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes that hold pooled features: a global average pool, and what is computed from
+    pooled features alone (parameters aside). A conv there acts on a 1x1 map (a 1x1-conv
+    classifier, the conv head of MobileNetV3, a squeeze-and-excitation's reduce) and is no
+    candidate; the product of a spatial map with an SE gate is spatial again."""
+    pooled: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        ins = [n for n in node.all_input_nodes if n.op != "get_attr"]
+        if _is_gap(node, gm) or (ins and all(n in pooled for n in ins)):
+            pooled.add(node)
+    return pooled
 
 
 def _depths(gm: fx.GraphModule) -> dict[fx.Node, int]:
@@ -395,7 +528,8 @@ def find_head(model: nn.Module, example_input: Any = None, *, layer: str | None 
     (docs/math.md Eq. (1)), the one deepest in the graph (longest path from the input; ties
     go to the later one) is chosen: that is the main-branch conv of a final residual block,
     not a parallel shortcut conv. A conv module called more than once (its kernel shared
-    between calls) is skipped.
+    between calls), and a conv applied after a global average pool (a 1x1-conv classifier),
+    are skipped.
 
     Args:
         model: the network; its forward must be traceable by ``torch.fx`` (no data-dependent
@@ -426,7 +560,9 @@ def find_head(model: nn.Module, example_input: Any = None, *, layer: str | None 
         raise OutOfClassError(f"{type(model).__name__} has no nn.Conv2d called in its forward")
     depth = _depths(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    ranked = sorted(conv_nodes, key=lambda n: (depth[n], order[n]), reverse=True)
+    pooled = _pooled(gm)
+    spatial = [n for n in conv_nodes if n not in pooled] or conv_nodes
+    ranked = sorted(spatial, key=lambda n: (depth[n], order[n]), reverse=True)
     first_error: OutOfClassError | None = None
     for node in ranked:
         if sum(1 for n in conv_nodes if n.target == node.target) > 1:

@@ -125,7 +125,7 @@ def _build_head_fn(head: Head, device: torch.device, dtype: torch.dtype) -> fx.G
         hmap[node] = hg.node_copy(node, lambda n: hmap[n])
         if node.op == "call_module":
             attrs[node.target] = gm.get_submodule(node.target)
-    hg.output((hmap[head._feature_node], hmap[head._linear_node]))
+    hg.output((hmap[head._feature_node], hmap[head._logits_node]))
     root = {k: _EvalAffine(v) if isinstance(v, nn.BatchNorm2d) else copy.deepcopy(v)
             for k, v in attrs.items()}
     head_fn = fx.GraphModule(root, hg)
@@ -165,9 +165,16 @@ class _Plan:
         self.trunk = _build_trunk(head)
         self.head_fn = _build_head_fn(head, device, dtype)
         self.batched_externals = _batched_externals(head)
-        self.V = head.linear.weight.detach().to(device=device, dtype=dtype)  # (K, C)
+        # the classifier on all pooled features (K, C_features), and its columns that read
+        # the conv's channels (K, C): all of them unless a channel concatenation puts other
+        # channels next to the conv's (then known at the first batch, see set_offset)
+        self.V_full = head.classifier_weight.to(device=device, dtype=dtype)
         self.groups = head.conv.groups
         self.C = head.conv.out_channels
+        self.offset: int | None = None
+        self.V = self.V_full
+        if not head._cats:
+            self.set_offset([])
         # (left, right, top, bottom) as F.pad takes them; what F.pad adds before a gather;
         # what the gather adds as zeros
         self.pads, self.explicit_pad, self.padding = _conv_pads(head.conv)
@@ -199,6 +206,28 @@ class _Plan:
                 self.options.gram_from, phases.cost(c_in) <= gathered.cost(c_in))
             self._grams[key] = phases if use else gathered
         return self._grams[key]
+
+    def set_offset(self, externals: list[Any]) -> None:
+        """The first feature channel of the conv's channels: the channels of the tensors
+        concatenated before the conv's output, summed over the head's concatenations (their
+        sizes read from the externals of a batch); ``V`` becomes those C columns."""
+        if self.offset is not None:
+            return
+        head, off = self.head, 0
+        for cat, idx in head._cats:
+            for t in cat.args[0][:idx]:
+                if isinstance(t, fx.Node) and t in head._externals:
+                    off += int(externals[head._externals.index(t)].shape[1])
+                elif isinstance(t, fx.Node) and t.op == "get_attr":
+                    off += int(_fetch_attr(head._gm, t.target).shape[1])
+                else:
+                    raise OutOfClassError(f"cannot size the input {t!r} of {cat.name}")
+        if off + self.C > self.V_full.shape[1]:
+            raise OutOfClassError(
+                f"the classifier '{head.linear_name}' reads {self.V_full.shape[1]} features, "
+                f"fewer than the {off} + {self.C} channels up to those of '{head.conv_name}'")
+        self.offset = off
+        self.V = self.V_full[:, off:off + self.C]
 
     def chunk_externals(self, externals: list[Any], sl: slice, B: int) -> list[Any] | None:
         """The externals for the samples ``sl`` of a batch of ``B``, or None when the head
@@ -238,8 +267,9 @@ class HeadBatch:
     dtype).
 
     ``patches`` (B, P, d) for groups == 1, else (B, groups, d, P) in ``patches_grouped``;
-    ``S``, ``T`` (B, C, P); ``probs`` (B, K); ``labels`` (B,); ``features`` (B, C) = g;
-    ``V`` (K, C) the classifier weight; ``logits`` (B, K).
+    ``S``, ``T`` (B, C, P); ``probs`` (B, K); ``labels`` (B,); ``features`` (B, C') = g, all
+    pooled features (C' > C when other channels are concatenated with the conv's);
+    ``V`` (K, C) the classifier's columns that read the conv's channels; ``logits`` (B, K).
     """
 
     patches_grouped: torch.Tensor
@@ -268,6 +298,7 @@ def _trunk(plan: _Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, li
         e.to(device=plan.device, dtype=plan.dtype) if isinstance(e, torch.Tensor) and
         e.is_floating_point() else e for e in outs[2:]
     ]
+    plan.set_offset(externals)
     return outs[0], outs[1], externals
 
 
@@ -281,11 +312,15 @@ def _head(plan: _Plan, a: torch.Tensor, externals: list[Any]
     with torch.enable_grad():
         a_leaf = a.detach().requires_grad_(True)
         g, z = plan.head_fn(a_leaf, *externals)
-        if g.dim() != 2 or g.shape[1] != plan.C:
+        if g.dim() == 4 and g.shape[2:] == (1, 1):  # pooled map before a 1x1-conv classifier
+            g = g.flatten(1)
+        z = z.reshape(b, -1)
+        n_feat = plan.V_full.shape[1]
+        if g.dim() != 2 or g.shape[1] != n_feat:
             raise OutOfClassError(
                 f"the classifier '{plan.head.linear_name}' sees features of shape "
-                f"{tuple(g.shape)}, expected (batch, {plan.C}) pooled channels of "
-                f"'{plan.head.conv_name}'"
+                f"{tuple(g.shape)}, expected (batch, {n_feat}) pooled channels (those of "
+                f"'{plan.head.conv_name}' and any concatenated with them)"
             )
         # S[n,c,p] = d g_{n,c} / d a_{n,c,p}: g_{n,c} depends only on a_{n,c,:}, so the
         # gradient of sum(g) holds every entry at once.
