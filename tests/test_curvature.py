@@ -578,3 +578,233 @@ def test_bad_layer_names_and_data():
     xb[4] = float("inf")
     with pytest.raises(ValueError, match="non-finite logits in batch 1"):
         exact_curvature(model, [(x[:3], y[:3]), (xb[3:], y[3:])], device="cpu")
+
+
+# ------------------------------------------------ the class as it is: new forms, same exactness
+
+
+class _FunctionalBN(nn.Module):
+    """Eval batch norm as a functional call that reads ``self.training`` (as timm's
+    BatchNormAct2d does), then swish written as ``x * x.sigmoid()``: a product of two tensors
+    that both depend on the conv, elementwise and smooth."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.last = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.last(torch.tanh(self.stem(x)))
+        n = self.norm
+        h = F.batch_norm(a, n.running_mean, n.running_var, n.weight, n.bias,
+                         self.training, 0.1, n.eps)
+        h = h * h.sigmoid()
+        return self.fc(h.mean((2, 3)))
+
+
+class _DenseCat(nn.Module):
+    """A DenseNet-like head: the conv's output concatenated along the channels with tensors
+    that do not depend on its kernel (before and after it, and a nested concatenation), then
+    BN, leaky ReLU, GAP and a classifier on all 3 + 4 + 2 + 3 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.other = nn.Conv2d(3, 2, 1)
+        self.last = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        inner = torch.cat([h, self.last(h), self.other(h)], 1)
+        out = torch.cat((inner, h * 0.5), dim=1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.leaky_relu(self.bn(out), 0.1), 1), 1))
+
+
+class _ConvClassifier(nn.Module):
+    """dla34's head: GAP keeping the 1x1 map, a 1x1 conv as the classifier, flatten after."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.last = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(4, 3, 1)
+        self.flat = nn.Flatten(1)
+
+    def forward(self, x):
+        h = F.silu(self.bn(self.last(torch.tanh(self.stem(x)))))
+        return self.flat(self.fc(self.pool(h)))
+
+
+def _randomize_norms(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                C = m.num_features
+                m.running_mean.copy_(torch.randn(C, generator=g, dtype=m.weight.dtype) * .3)
+                m.running_var.copy_(torch.rand(C, generator=g, dtype=m.running_var.dtype) + .5)
+                m.weight.copy_(torch.randn(C, generator=g, dtype=m.weight.dtype))
+                m.bias.copy_(torch.randn(C, generator=g, dtype=m.bias.dtype) * 0.3)
+    return model
+
+
+def _check_against_dense(model, x, y, layer="last"):
+    """exact_curvature (both routes, chunks of 3) against the dense float64 Hessian."""
+    H = autograd_kernel_hessian(model, layer, x, y)
+    ref = dense_measures(H, model.get_submodule(layer).weight.detach())
+    assert ref["trace"] != 0
+    for route in ("gram", "direct"):
+        res = exact_curvature(model, (x, y), device="cpu", batch_size=3, route=route,
+                              layer=layer)
+        assert rel(res.trace, ref["trace"]) <= 1e-9, route
+        assert rel(res.relative_flatness, ref["relative_flatness"]) <= 1e-9, route
+        torch.testing.assert_close(res.block_traces, ref["block_traces"], rtol=1e-9,
+                                   atol=1e-12 * float(ref["block_traces"].abs().max()))
+    return res
+
+
+def _check_classifier(model, res, x, y, name="fc"):
+    """The classifier's trace and kappa against its dense Hessian (all its features)."""
+    Hv = autograd_kernel_hessian(model, name, x, y)
+    V = model.get_submodule(name).weight.detach()
+    K = V.shape[0]
+    V = V.reshape(K, -1)
+    blocks = torch.einsum("aibi->ab", Hv.reshape(K, V.shape[1], K, V.shape[1]))
+    assert rel(res.classifier_trace, float(Hv.diagonal().sum())) < 1e-10
+    assert rel(res.classifier_relative_flatness, float(((V @ V.T) * blocks).sum())) < 1e-10
+
+
+@pytest.mark.parametrize("cls", [_FunctionalBN, _DenseCat, _ConvClassifier])
+def test_new_head_forms_match_dense_autograd_hessian(cls):
+    torch.manual_seed(11)
+    model = _randomize_norms(cls().double(), seed=12)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(7, 2, 5, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=g)
+    model.train()  # traced and measured as in eval mode whatever mode it comes in
+    res = _check_against_dense(model, x, y)
+    if cls is _DenseCat:  # the other conv of the concatenation, at channel offset 7
+        _check_against_dense(model, x, y, layer="other")
+    assert model.training
+    _check_classifier(model, res, x, y)
+    head = find_head(model, layer="last")
+    assert head.linear_name == "fc"
+    # the smooth heads keep their sigma'' part, the leaky ReLU one has none
+    assert head.piecewise_linear is (cls is _DenseCat)
+
+
+def test_batch_statistics_in_functional_batch_norm_are_refused():
+    class _TrainBN(_FunctionalBN):
+        def forward(self, x):
+            a = self.last(torch.tanh(self.stem(x)))
+            h = F.batch_norm(a, None, None, self.norm.weight, self.norm.bias, True)
+            return self.fc(h.mean((2, 3)))
+
+    with pytest.raises(OutOfClassError, match="'batch_norm'.*statistics of the batch"):
+        find_head(_TrainBN(), layer="last")
+
+
+class _SEBeforePool(_ConvClassifier):
+    """timm's squeeze-and-excitation: reduce and expand as 1x1 convs on the pooled map."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.reduce, self.expand = nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+
+    def forward(self, x):
+        h = self.bn(self.last(torch.tanh(self.stem(x))))
+        s = self.expand(F.relu(self.reduce(h.mean((2, 3), keepdim=True))))
+        return self.fc(self.flat(self.pool(h * s.sigmoid())))
+
+
+class _ConvHeadMLP(_ConvClassifier):
+    """MobileNetV3's head: GAP, a 1x1 conv, an activation, then the Linear: an MLP head."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.bn(self.last(torch.tanh(self.stem(x))))
+        return self.out(self.flat(F.hardswish(self.fc(self.pool(h)))))
+
+
+class _ChannelNorm(_ConvClassifier):
+    """LayerNorm across the channels after the conv (a GroupNorm of one group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.GroupNorm(1, 4)
+
+    def forward(self, x):
+        h = self.ln(self.last(torch.tanh(self.stem(x))))
+        return self.flat(self.fc(self.pool(h)))
+
+
+class _CatTwice(_DenseCat):
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        a = self.last(h)
+        return self.fc(torch.cat([a, a, h, h[:, :1]], 1).mean((2, 3)))
+
+
+class _CatSpatial(_DenseCat):
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        out = torch.cat([self.last(h), h[:, :4]], 2)
+        return self.fc(torch.cat([out, out[:, :1].detach() * 0, h], 1).mean((2, 3))[:, :12])
+
+
+class _ShiftedSum(_DenseCat):
+    """Two concatenations that put the conv's channels at different offsets, then added:
+    channel c of the sum mixes filters c and c + 2."""
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        a = self.last(h)
+        o = self.other(h)
+        s = torch.cat([o, a, h[:, :1], h[:, :1]], 1) + torch.cat([a, o, h[:, :2]], 1)
+        return self.fc(torch.cat([s, o[:, :1], o[:, :1], o[:, :1], o[:, :1]], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "cls,pattern",
+    [
+        (_SEBeforePool, "ReLU|'relu'.* follows the classifier 'reduce'.*squeeze-and-excitation"),
+        (_ConvHeadMLP, "'hardswish'.* follows the classifier 'fc'.*MLP head"),
+        (_ChannelNorm, "GroupNorm module 'ln' mixes positions or channels"),
+        (_CatTwice, "'cat'.*concatenates the conv's output other than once"),
+        (_CatSpatial, "'cat'.*concatenates the conv's output other than once along the channels"),
+        (_ShiftedSum, "'add'.*combines two tensors that both depend on the conv"),
+    ],
+)
+def test_what_is_truly_out_is_refused_naming_the_op(cls, pattern):
+    with pytest.raises(OutOfClassError, match=pattern):
+        find_head(cls(), layer="last")
+
+
+def test_zero_gamma_norm_gives_zero_trace_and_a_warning_that_names_it():
+    from convflat.curvature import ZeroCurvatureWarning
+
+    model, x, y = build_case(next(c for c in SUITE if c.name == "relu+bn+residual"), seed=2)
+    with torch.no_grad():
+        model.bn.weight.zero_()  # as timm's zero_init_last does
+    H = autograd_kernel_hessian(model, "last", x, y)
+    assert not bool(H.any())  # the reference: the loss does not depend on the kernel
+    with pytest.warns(ZeroCurvatureWarning, match="BatchNorm 'bn'.*gamma = 0.*timm"):
+        res = exact_curvature(model, (x, y), device="cpu")
+    assert res.trace == 0 and not bool(res.block_traces.any())
+    with torch.no_grad():
+        model.bn.weight.fill_(0.5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ZeroCurvatureWarning)
+        assert exact_curvature(model, (x, y), device="cpu").trace > 0
