@@ -779,7 +779,7 @@ class _ShiftedSum(_DenseCat):
     [
         (_SEBeforePool, "ReLU|'relu'.* follows the classifier 'reduce'.*squeeze-and-excitation"),
         (_ConvHeadMLP, "'hardswish'.* follows the classifier 'fc'.*MLP head"),
-        (_ChannelNorm, "GroupNorm module 'ln' mixes positions or channels"),
+        (_ChannelNorm, "GroupNorm module 'ln' normalizes across the channels"),
         (_CatTwice, "'cat'.*concatenates the conv's output other than once"),
         (_CatSpatial, "'cat'.*concatenates the conv's output other than once along the channels"),
         (_ShiftedSum, "'add'.*combines two tensors that both depend on the conv"),

@@ -62,6 +62,10 @@ _FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
 _FLATTEN_METHODS = {"flatten", "view", "reshape", "squeeze"}
 _SHAPE_METHODS = {"size", "dim"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+# normalizations across channels (each output reads every filter's output)
+_CHANNEL_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_CHANNEL_NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.local_response_norm,
+                           F.rms_norm, F.normalize}
 
 # The walk from the conv to the output. States: "spatial" (between the conv and the GAP),
 # "pooled" (after the GAP), "logits" (the single Linear's output, which must be the model's
@@ -93,6 +97,9 @@ _REFUSALS: tuple[tuple[str | None, str | None, str], ...] = (
      "combines the conv's output with a tensor computed from its pooled features (filters "
      "are mixed: squeeze-and-excitation or attention gating before the pool is not in the "
      "class)"),
+    (None, "channel_norm",
+     "normalizes across the channels (LayerNorm, GroupNorm or alike), so every feature "
+     "depends on every filter"),
     (None, "cat_other",
      "concatenates the conv's output other than once along the channels with tensors that "
      "do not depend on the kernel"),
@@ -108,6 +115,7 @@ _REFUSALS: tuple[tuple[str | None, str | None, str], ...] = (
      "is a convolution on the pooled features that is not a linear classifier (only a 1x1 "
      "conv without padding or groups is)"),
     (None, "conv", "is a second convolution after the chosen one"),
+    ("spatial", "conv_classifier", "is a second convolution after the chosen one"),
     (None, "functional_linear", "is a functional linear layer (use nn.Linear)"),
     (None, "linear", "is applied before global average pooling"),
     ("pooled", None, "is applied to the pooled features (an MLP head is not in the class)"),
@@ -231,6 +239,8 @@ def _classify_module(mod: nn.Module) -> tuple[str, bool]:
         return "linear", True
     if _is_linear_conv(mod):
         return "conv_classifier", True
+    if isinstance(mod, _CHANNEL_NORM_MODULES):
+        return "channel_norm", True
     if isinstance(mod, nn.Conv2d):
         return "conv", True
     return "other", True
@@ -284,6 +294,8 @@ def _classify_function(tgt: Any, right: bool) -> tuple[str, bool]:
         return "flatten", True
     if tgt is F.linear:
         return "functional_linear", True
+    if tgt in _CHANNEL_NORM_FUNCTIONS:
+        return "channel_norm", True
     if tgt is F.conv2d:
         return "conv", True
     return "other", True
@@ -345,6 +357,20 @@ def _classify(node: fx.Node, gm: fx.GraphModule, deps: list[fx.Node]) -> tuple[s
     if node.op == "call_method":
         return _classify_method(node.target, right)
     return "other", True
+
+
+def _channel_norm_ahead(node: fx.Node, gm: fx.GraphModule, steps: int = 3) -> fx.Node | None:
+    """A normalization across channels among the next ``steps`` consumers of ``node`` (timm's
+    LayerNorm2d permutes the channels last, normalizes and permutes back)."""
+    frontier = [node]
+    for _ in range(steps):
+        frontier = [u for n in frontier for u in n.users]
+        for u in frontier:
+            if (u.op == "call_module" and isinstance(gm.get_submodule(u.target),
+                                                     _CHANNEL_NORM_MODULES)) or (
+                    u.op == "call_function" and u.target in _CHANNEL_NORM_FUNCTIONS):
+                return u
+    return None
 
 
 def _is_shape_query(node: fx.Node) -> bool:
@@ -409,6 +435,9 @@ def _walk(gm: fx.GraphModule, conv_node: fx.Node) -> _Walk:
         nxt = _TRANSITIONS.get((src_state, kind))
         if nxt is None:
             linear = walk.linear_node.target if walk.linear_node is not None else None
+            norm = _channel_norm_ahead(node, gm) if kind == "other" else None
+            if norm is not None:  # a LayerNorm written as permute, norm, permute: name it
+                node, kind = norm, "channel_norm"
             raise _refuse(gm, conv_node, node,
                           _refusal(src_state, kind).format(linear=linear))
         state[node] = nxt
