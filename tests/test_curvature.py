@@ -537,8 +537,8 @@ class _Untraceable(SmallGapNet):
     [
         (_MaxPoolAfter, "MaxPool2d module 'mp'"),
         (_ConvAfter, "second convolution"),
-        (_MLPHead, "'relu'.* follows nn.Linear 'hidden'.*MLP head"),
-        (_SqueezeExcite, "'sigmoid'.* follows nn.Linear 'se'.*squeeze-and-excitation"),
+        (_MLPHead, "'relu'.* follows the classifier 'hidden'.*MLP head"),
+        (_SqueezeExcite, "'sigmoid'.* follows the classifier 'se'.*squeeze-and-excitation"),
         (_Untraceable, "could not trace"),
         (_BatchStatsBN, "BatchNorm2d module 'bn'.*statistics of the batch"),
     ],

@@ -189,3 +189,27 @@ def test_fresh_timm_resnet_has_zero_trace_and_says_why():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ZeroCurvatureWarning)
         assert exact_curvature(model, (x, y), device="cpu").trace > 0
+
+
+def test_zoo_survey_rows_and_table():
+    """bench zoo's rows: a model in the class with its conv and timings, a refusal with the
+    op and reason (no generic advice), an untraceable one; the table counts them."""
+    from convflat.bench import zoo
+
+    assert zoo.pick_variant(timm, "dla")[0] == "dla34"
+    name, n = zoo.pick_variant(timm, "fasternet")  # no preference: the smallest of the first
+    assert name in timm.list_models(module="fasternet") and n == zoo._n_params(timm, name)
+    rows = [zoo.survey(timm, fam, arch, None, 2, 32) for fam, arch in
+            [("dla", "dla34"), ("ghostnet", "ghostnet_100"), ("vgg", "vgg11")]]
+    dla, ghost, vgg = rows
+    assert dla["status"] == "in" and "`level5.root.conv` -> `fc`" in dla["detail"]
+    assert dla["exact_s"] > 0 and dla["forward_s"] > 0
+    assert dla["params"] == sum(p.numel() for p in _timm_model("dla34").parameters())
+    assert ghost["status"] == "out"
+    assert ghost["detail"].startswith("ReLU module 'act2' follows the classifier 'conv_head'")
+    assert "Pass layer=" not in ghost["detail"]
+    assert vgg["status"] == "untraceable" and "TraceError" in vgg["detail"]
+    text = zoo.render(rows, {"timm": timm.__version__, "torch": torch.__version__,
+                             "date": "2026-01-01", "threads": 1, "batch": 2, "size": 32})
+    assert f"timm {timm.__version__}" in text and "Of 3 families, **1 are in the class**" in text
+    assert text.count("\n| ") == 4  # header and three rows

@@ -590,7 +590,13 @@ def find_head(model: nn.Module, example_input: Any = None, *, layer: str | None 
     depth = _depths(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     pooled = _pooled(gm)
-    spatial = [n for n in conv_nodes if n not in pooled] or conv_nodes
+    spatial = [n for n in conv_nodes if n not in pooled]
+    if not spatial:
+        raise OutOfClassError(
+            f"{type(model).__name__} calls nn.Conv2d modules only on pooled features "
+            f"({', '.join(str(n.target) for n in conv_nodes[:3])}); its other convs are not "
+            "nn.Conv2d modules (such as weight-standardized convs, traced as functions), so "
+            "no conv before the pool can be measured")
     ranked = sorted(spatial, key=lambda n: (depth[n], order[n]), reverse=True)
     first_error: OutOfClassError | None = None
     for node in ranked:
