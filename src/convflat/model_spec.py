@@ -168,7 +168,7 @@ class TorchvisionSpec:
     in_channels: int = _IN
     num_classes: int = _OUT
     arch: str = _key("str", None, "the architecture (resnet18, resnet50, mobilenet_v2, ...; "
-                     "not vgg, squeezenet, densenet: their heads are outside the class "
+                     "not vgg, squeezenet, mobilenet_v3: their heads are outside the class "
                      "convflat measures)", required=True)
 
 
