@@ -86,12 +86,21 @@ def _build(timm: Any, name: str, size: int) -> torch.nn.Module:
         model = timm.create_model(name, pretrained=False, num_classes=10).eval()
         with torch.no_grad():
             model(x)
-    except Exception:
-        model = timm.create_model(name, pretrained=False, num_classes=10,
-                                  img_size=size).eval()
+    except Exception as first:
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=10,
+                                      img_size=size).eval()
+        except TypeError:  # no img_size argument: the first failure is the one to report
+            raise first from None
         with torch.no_grad():
             model(x)
     return model
+
+
+def _first_line(exc: BaseException, n: int = 100) -> str:
+    """``Type: first line of the message`` (cut at ``n`` characters)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:n] if lines else '(no message)'}"
 
 
 def _reason(exc: OutOfClassError) -> tuple[str, str]:
@@ -112,8 +121,8 @@ def survey(timm: Any, family: str, name: str, n_params: int | None, batch: int, 
     try:
         model = _build(timm, name, size)
     except Exception as exc:
-        row.update(status="error", detail=f"cannot run on {size}x{size} inputs: "
-                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+        row.update(status="error",
+                   detail=f"cannot run on {size}x{size} inputs: {_first_line(exc)}")
         return row
     row["params"] = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(1)
@@ -129,7 +138,7 @@ def survey(timm: Any, family: str, name: str, n_params: int | None, batch: int, 
         row["status"], row["detail"] = _reason(exc)
         return row
     except Exception as exc:  # the model is traced but the measurement fails: say so
-        row.update(status="error", detail=f"{type(exc).__name__}: {str(exc)[:120]}")
+        row.update(status="error", detail=_first_line(exc, 120))
         return row
     with torch.no_grad():
         model(x)  # warm-up, as the measurement ran once before being timed
