@@ -123,7 +123,8 @@ def _zero_gamma_norm(head: Head) -> str | None:
         elif node.op == "call_function" and node.target is F.batch_norm:
             w = node.args[3] if len(node.args) > 3 else node.kwargs.get("weight")
             if w is not None and getattr(w, "op", None) == "get_attr":
-                weight, name = gm.get_parameter(w.target), str(w.target).rsplit(".", 1)[0]
+                owner, _, attr = str(w.target).rpartition(".")
+                weight, name = getattr(gm.get_submodule(owner), attr), owner
         if weight is not None and not bool(weight.detach().any()):
             return name
     return None

@@ -464,6 +464,18 @@ def _refuse(gm: fx.GraphModule, conv_node: fx.Node, node: fx.Node, why: str
     )
 
 
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """The nodes that ``node`` is computed from."""
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 def _check_head(gm: fx.GraphModule, conv_node: fx.Node) -> Head:
     """Verify that every op downstream of ``conv_node`` keeps the closed form exact, and
     collect the head: its nodes and the tensors it reads from outside (the externals, such as
@@ -497,7 +509,7 @@ def _check_head(gm: fx.GraphModule, conv_node: fx.Node) -> Head:
         _feature_node=linear_node.args[0],
         _linear_node=linear_node,
         _logits_node=walk.logits_node,
-        _cats=walk.cats,
+        _cats=[c for c in walk.cats if c[0] in _ancestors(linear_node)],  # not dead branches
     )
 
 
