@@ -774,9 +774,20 @@ class _ShiftedSum(_DenseCat):
         return self.fc(torch.cat([s, o[:, :1], o[:, :1], o[:, :1], o[:, :1]], 1).mean((2, 3)))
 
 
+class _ChannelSplit(_DenseCat):
+    """DPN's dual path: the conv's channels split in two slices that land apart."""
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        a = self.last(h)
+        out = torch.cat([a[:, :2] + h[:, :2], h, a[:, 2:], h[:, :2], h[:, :3]], 1)
+        return self.fc(out.mean((2, 3)))
+
+
 @pytest.mark.parametrize(
     "cls,pattern",
     [
+        (_ChannelSplit, "'getitem'.*indexes or slices the conv's output"),
         (_SEBeforePool, "ReLU|'relu'.* follows the classifier 'reduce'.*squeeze-and-excitation"),
         (_ConvHeadMLP, "'hardswish'.* follows the classifier 'fc'.*MLP head"),
         (_ChannelNorm, "GroupNorm module 'ln' normalizes across the channels"),

@@ -97,6 +97,9 @@ _REFUSALS: tuple[tuple[str | None, str | None, str], ...] = (
      "combines the conv's output with a tensor computed from its pooled features (filters "
      "are mixed: squeeze-and-excitation or attention gating before the pool is not in the "
      "class)"),
+    ("spatial", "index",
+     "indexes or slices the conv's output (not supported: the pooled features would no "
+     "longer hold each filter's channel once, in order, as the closed form reads them)"),
     (None, "channel_norm",
      "normalizes across the channels (LayerNorm, GroupNorm or alike), so every feature "
      "depends on every filter"),
@@ -296,6 +299,8 @@ def _classify_function(tgt: Any, right: bool) -> tuple[str, bool]:
         return "functional_linear", True
     if tgt in _CHANNEL_NORM_FUNCTIONS:
         return "channel_norm", True
+    if tgt is operator.getitem:
+        return "index", True
     if tgt is F.conv2d:
         return "conv", True
     return "other", True
