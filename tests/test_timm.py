@@ -42,10 +42,11 @@ def _randomized(model, x, seed=0):
 
 
 class _TimmBNAct(nn.Module):
-    """timm's BatchNormAct2d (a functional F.batch_norm and its activation) after the conv and
-    timm's SelectAdaptivePool2d as the pool."""
+    """timm's BatchNormAct2d (a functional F.batch_norm and its activation) after the conv,
+    timm's SelectAdaptivePool2d as the pool, and nn.Linear or timm's Linear (traced into
+    F.linear) as the classifier."""
 
-    def __init__(self, act):
+    def __init__(self, act, linear=nn.Linear):
         super().__init__()
         L = timm.layers
         self.stem = nn.Conv2d(2, 3, 3, padding=1)
@@ -53,7 +54,7 @@ class _TimmBNAct(nn.Module):
         self.last = L.create_conv2d(3, 4, 3, padding="")
         self.bn = L.BatchNormAct2d(4, act_layer=act)
         self.pool = L.SelectAdaptivePool2d(pool_type="avg", flatten=True)
-        self.fc = nn.Linear(4, 3)
+        self.fc = linear(4, 3)
 
     def forward(self, x):
         return self.fc(self.pool(self.bn(self.last(self.bn0(self.stem(x))))))
@@ -61,7 +62,8 @@ class _TimmBNAct(nn.Module):
 
 def _tiny(name):
     if name.startswith("bnact"):
-        return _TimmBNAct({"bnact-silu": nn.SiLU, "bnact-relu": nn.ReLU}[name])
+        return _TimmBNAct(*{"bnact-silu": (nn.SiLU,),
+                            "bnact-relu": (nn.ReLU, timm.layers.Linear)}[name])
     if name == "densenet":
         return timm.models.densenet.DenseNet(growth_rate=4, block_config=(2, 2), num_classes=3,
                                              in_chans=2, bn_size=2)
@@ -74,7 +76,7 @@ def _tiny(name):
 
 TINY = {  # name -> (conv, classifier) that find_head must choose
     "bnact-silu": ("last", "fc"),
-    "bnact-relu": ("last", "fc"),
+    "bnact-relu": ("last", "fc"),  # timm's Linear: F.linear with fc.weight
     "densenet": ("features.denseblock2.denselayer2.conv2", "classifier"),  # concatenation
     "dla": ("level5.root.conv", "fc"),  # a 1x1 conv as the classifier
 }
@@ -90,6 +92,9 @@ def test_tiny_timm_networks_match_dense_autograd_hessian(name):
     head = find_head(model)
     assert (head.conv_name, head.linear_name) == TINY[name]
     assert head.piecewise_linear is (name != "bnact-silu")
+    assert isinstance(head.linear, (nn.Linear, nn.Conv2d))
+    if name == "bnact-relu":  # the classifier really is the functional call
+        assert any(op.startswith("function 'linear'") for op in head.ops)
     H = autograd_kernel_hessian(model, head.conv_name, x, y)
     ref = dense_measures(H, head.conv.weight.detach())
     assert ref["trace"] != 0  # SiLU's sigma'' part can make it negative
@@ -137,6 +142,7 @@ IN_CLASS = {
     "resnext26ts": ("stages.3.1.conv3_1x1.conv", "head.fc"),
     "densenet121": ("features.denseblock4.denselayer16.conv2", "classifier"),
     "dla34": ("level5.root.conv", "fc"),
+    "starnet_s1": ("stages.3.3.dwconv2.conv", "head"),  # timm's Linear as the classifier
 }
 
 

@@ -119,7 +119,8 @@ _REFUSALS: tuple[tuple[str | None, str | None, str], ...] = (
      "conv without padding or groups is)"),
     (None, "conv", "is a second convolution after the chosen one"),
     ("spatial", "conv_classifier", "is a second convolution after the chosen one"),
-    (None, "functional_linear", "is a functional linear layer (use nn.Linear)"),
+    (None, "functional_linear",
+     "is a functional linear layer whose weight is not an nn.Linear's (use nn.Linear)"),
     (None, "linear", "is applied before global average pooling"),
     ("pooled", None, "is applied to the pooled features (an MLP head is not in the class)"),
     (None, None, "mixes positions or channels before global average pooling"),
@@ -254,6 +255,24 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
+def _classifier(gm: fx.GraphModule, node: fx.Node, root: nn.Module | None = None
+                ) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of a classifier node: an nn.Linear or 1x1-conv module, or
+    ``F.linear`` whose weight is the 2-D ``weight`` of a submodule (timm's Linear, an
+    nn.Linear subclass, is traced into that call); the module is looked up in ``root`` (the
+    model; the traced ``gm`` holds only a stub owning the weight). None for a functional
+    linear with any other weight."""
+    if node.op == "call_module":
+        return str(node.target), (root or gm).get_submodule(node.target)
+    weight = _arg(node, 1, "weight")
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    owner, _, attr = str(weight.target).rpartition(".")
+    if attr != "weight" or not owner or getattr(gm.get_submodule(owner), attr).dim() != 2:
+        return None
+    return owner, (root or gm).get_submodule(owner)
+
+
 def _classify_batch_norm(node: fx.Node, dep: fx.Node) -> str:
     """``F.batch_norm(x, running_mean, running_var, weight, bias, training, ...)``, the form
     timm's ``BatchNormAct2d`` calls: with ``training=False`` and the model's running
@@ -353,6 +372,10 @@ def _classify(node: fx.Node, gm: fx.GraphModule, deps: list[fx.Node]) -> tuple[s
         return _classify_batch_norm(node, deps[0]), True
     if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
         return _classify_cat(node, deps[0]), True
+    if node.op == "call_function" and node.target is F.linear:
+        # timm's Linear (an nn.Linear subclass) is traced into F.linear(x, weight, bias)
+        return ("linear" if _arg(node, 0, "input") is deps[0] and _classifier(gm, node)
+                else "functional_linear"), True
     # keyword-only arguments count as the right-hand side: '-' and '/' are then refused
     right = not node.args or node.args[0] is not deps[0]
     if node.op == "call_module":
@@ -439,7 +462,8 @@ def _walk(gm: fx.GraphModule, conv_node: fx.Node) -> _Walk:
             kind, piecewise = _classify(node, gm, deps)
         nxt = _TRANSITIONS.get((src_state, kind))
         if nxt is None:
-            linear = walk.linear_node.target if walk.linear_node is not None else None
+            linear = (_classifier(gm, walk.linear_node)[0]
+                      if walk.linear_node is not None else None)
             norm = _channel_norm_ahead(node, gm) if kind == "other" else None
             if norm is not None:  # a LayerNorm written as permute, norm, permute: name it
                 node, kind = norm, "channel_norm"
@@ -481,7 +505,7 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _check_head(gm: fx.GraphModule, conv_node: fx.Node) -> Head:
+def _check_head(gm: fx.GraphModule, conv_node: fx.Node, root: nn.Module) -> Head:
     """Verify that every op downstream of ``conv_node`` keeps the closed form exact, and
     collect the head: its nodes and the tensors it reads from outside (the externals, such as
     a residual branch)."""
@@ -503,8 +527,8 @@ def _check_head(gm: fx.GraphModule, conv_node: fx.Node) -> Head:
     return Head(
         conv_name=str(conv_node.target),
         conv=gm.get_submodule(conv_node.target),
-        linear_name=str(linear_node.target),
-        linear=gm.get_submodule(linear_node.target),
+        linear_name=_classifier(gm, linear_node, root)[0],
+        linear=_classifier(gm, linear_node, root)[1],
         piecewise_linear=walk.piecewise,
         ops=walk.ops,
         _gm=gm,
@@ -601,7 +625,7 @@ def find_head(model: nn.Module, example_input: Any = None, *, layer: str | None 
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)
     ]
     if layer is not None:
-        return _check_head(gm, _named_conv(gm, model, conv_nodes, layer))
+        return _check_head(gm, _named_conv(gm, model, conv_nodes, layer), model)
     if not conv_nodes:
         raise OutOfClassError(f"{type(model).__name__} has no nn.Conv2d called in its forward")
     depth = _depths(gm)
@@ -620,7 +644,7 @@ def find_head(model: nn.Module, example_input: Any = None, *, layer: str | None 
         if sum(1 for n in conv_nodes if n.target == node.target) > 1:
             continue  # a conv module called twice shares its kernel between calls
         try:
-            return _check_head(gm, node)
+            return _check_head(gm, node, model)
         except OutOfClassError as exc:
             if first_error is None:
                 first_error = exc
