@@ -175,7 +175,8 @@ def classifier_curvature(features: torch.Tensor, probs: torch.Tensor, V: torch.T
 
 def _check_logits(model_logits: torch.Tensor, head_logits: torch.Tensor, head: Head) -> None:
     """Guard against a wrong split of the model: the head copy must reproduce the logits."""
-    ref = model_logits.detach().to(head_logits.dtype)
+    # (B, K, 1, 1) from a 1x1-conv classifier without a flatten: the same K logits
+    ref = model_logits.detach().to(head_logits.dtype).reshape(head_logits.shape)
     if not torch.isfinite(ref).all():
         raise ValueError("non-finite logits in batch 0; check the checkpoint and the inputs")
     # float32 trunks feed a float64 head: allow float32 rounding, nothing more
