@@ -16,6 +16,7 @@ from convflat.analysis.runs import build_runs_table
 from convflat.curvature import exact_curvature
 from convflat.models import build_model, load_checkpoint
 from convflat.train import TrainConfig, train
+from convflat.train_config import TRACK_CHEAP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,8 +67,9 @@ def test_each_epochs_flatness_is_exact_curvature_of_that_epochs_weights(
     record = train(spec, digits, cfg, tmp_path)
     assert record["status"] == "ok" and record["epochs_run"] == 3 == len(saved)
     assert record["flatness_tracking"] == {"n_samples": n, "subset_seed": 0,
-                                           "keys": ["conv_trace", "conv_relative_flatness"],
-                                           "error": None}
+                                           "keys": ["conv_trace", "conv_relative_flatness",
+                                                    *TRACK_CHEAP],
+                                           "error": None, "measure_errors": {}}
     x, y = _subset(digits, n)
     model = build_model(record["spec"])
     for entry, state in zip(record["history"], saved, strict=True):

@@ -34,6 +34,7 @@ run killed at any point and started again ends with the same weights as one neve
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -321,8 +322,13 @@ def setup_run(run: Run, *, resume: bool = True) -> None:
                           flip=cfg.flip, device=run.device, channels_last=cfg.channels_last)
     run.initial_loss = evaluate(model, run.data.eval_batches(cfg.eval_batch_size))[0]
     run.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    run.tracker = FlatnessTracker(run.data, cfg.track_flatness, cfg.eval_batch_size) \
-        if cfg.track_flatness else None
+    if cfg.track_flatness:
+        tracked = cfg.tracked_measures  # the weights now are the initial ones (init.pt)
+        run.tracker = FlatnessTracker(
+            run.data, cfg.track_flatness, cfg.eval_batch_size, measures=tracked,
+            init_model=copy.deepcopy(model) if tracked else None, every=cfg.track_every)
+    else:
+        run.tracker = None
     run.optimizer = make_optimizer(model, cfg)
     run.scheduler = make_scheduler(run.optimizer, cfg, run.steps_per_epoch)
     ckpt = run.out_dir / CHECKPOINT_FILE
@@ -376,7 +382,8 @@ def fit(run: Run) -> None:
             state.epoch += 1
             state.stop_reason = _stop_reason(run, entry)
             if run.tracker is not None and not state.diverged:
-                entry.update(run.tracker.measure(run.model))
+                entry.update(run.tracker.measure(
+                    run.model, run.tracker.due(state.epoch, state.stop_reason is not None)))
             entry["seconds"] = time.perf_counter() - t0
             state.history.append(entry)
             state.seconds = run.seconds()
@@ -414,7 +421,7 @@ def _train_epoch(run: Run) -> dict[str, Any]:
              "loss": float(loss_sum) / count, "acc": int(correct) / count,
              "train_loss_eval": None, "train_acc_eval": None}
     if run.tracker is not None:
-        entry.update(dict.fromkeys(FLATNESS_KEYS))
+        entry.update(dict.fromkeys(run.tracker.keys()))
     return entry
 
 

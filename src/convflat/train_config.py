@@ -14,10 +14,42 @@ from typing import Any, Protocol
 
 from convflat.errors import OptionError
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TRACK_CHEAP", "TRACK_DENSE_EPOCHS", "TrainConfig",
+           "track_names"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
+
+#: The measures ``track_measures: cheap`` (the default) tracks every epoch: those that cost
+#: nothing (norms of the weights) or one forward pass over the tracked subset (the margins,
+#: the classifier layer's exact curvature, shared with the conv trace's). Every other
+#: registered measure (Hessian-vector products, sharpness, PAC-Bayes, ...) is costly: it is
+#: tracked only when named and ``track_costly`` is true.
+TRACK_CHEAP = (
+    "frobenius_norm", "spectral_norm_sum", "spectral_norm_balanced_sum",
+    "spectral_norm_product", "path_norm", "distance_from_init", "inverse_margin",
+    "classifier_trace", "classifier_relative_flatness",
+)
+
+#: The first epochs at which the tracked measures are measured every epoch, whatever
+#: ``track_every`` says.
+TRACK_DENSE_EPOCHS = 50
+
+
+def track_names(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The measure names of a ``track_measures`` value: a comma-separated string or a list
+    of names, where ``cheap`` stands for :data:`TRACK_CHEAP`; None or empty: none. The
+    names are not checked here (:class:`TrainConfig` and the tracker check them)."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        item = item.strip() if isinstance(item, str) else item
+        for name in TRACK_CHEAP if item == "cheap" else (item,):
+            if name and name not in out:
+                out.append(name)
+    return tuple(out)
 
 
 class _Augmented(Protocol):
@@ -89,13 +121,26 @@ class TrainConfig:
         1024, "after every epoch, the exact conv trace and relative flatness (docs/math.md "
         "Eqs. (7), (9)) on this many training images (a seeded subset, seed 0, the same for "
         "every run) into the history; 0 or unset: off")
+    track_measures: str | tuple[str, ...] | None = _option(
+        "cheap", "with track_flatness, also these measures of the registry after every epoch "
+        "on the same images, each into the history under its name: a comma-separated "
+        "string or a list of names; 'cheap' is the norms, spectral norms, path norm, "
+        "distance from init, inverse margin and the classifier-layer trace and relative "
+        "flatness (TRACK_CHEAP, about one forward pass); empty or unset: none")
+    track_every: int = _option(
+        10, "after the first 50 epochs, the track_measures every this many epochs (and at "
+        "the last epoch; null in the history between); 1: every epoch. The conv trace and "
+        "relative flatness are tracked every epoch regardless")
+    track_costly: bool = _option(
+        False, "allow costly measures (Hessian-vector products, sharpness, PAC-Bayes, any "
+        "measure outside track_measures' 'cheap') in track_measures")
     device: str = _option("auto", "auto, cpu, cuda or cuda:<i>")
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
             raise OptionError(key, f"TrainConfig.{key} {why}, got {getattr(self, key)!r}")
 
-        for key in ("epochs", "batch_size", "eval_batch_size"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "track_every"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 bad(key, "must be a positive integer")
         if self.stop_loss is not None and not self.stop_loss > 0:
@@ -127,16 +172,52 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):
                 bad(key, "must be a non-negative integer or None")
+        self._check_track_measures()
         factor = self.divergence_factor
         if factor is not None and (isinstance(factor, bool)
                                    or not isinstance(factor, (int, float))
                                    or not (factor == 0 or (factor > 1 and math.isfinite(factor)))):
             bad("divergence_factor", "must be 0 (off), None (off) or a finite number > 1")
 
+    def _check_track_measures(self) -> None:
+        """``track_measures`` is a string, a list of strings or None (a list is kept as a
+        tuple); a name outside :data:`TRACK_CHEAP` needs ``track_costly``. Whether a name is
+        registered is checked by the tracker (:mod:`convflat.tracking`), which has the
+        registry (this module imports no torch)."""
+        value = self.track_measures
+        if isinstance(value, list):
+            value = tuple(value)
+            object.__setattr__(self, "track_measures", value)
+        if not isinstance(self.track_costly, bool):
+            raise OptionError("track_costly", f"TrainConfig.track_costly must be true or "
+                              f"false, got {self.track_costly!r}")
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+            raise OptionError("track_measures", "TrainConfig.track_measures must be a "
+                              "comma-separated string, a list of measure names or None, "
+                              f"got {value!r}")
+        costly = [n for n in track_names(value) if n not in TRACK_CHEAP]
+        if costly and not self.track_costly:
+            raise OptionError("track_measures", (
+                f"TrainConfig.track_measures: {', '.join(map(repr, costly))} "
+                f"{'is' if len(costly) == 1 else 'are'} not among the cheap measures tracked "
+                f"every epoch ({', '.join(TRACK_CHEAP)}; 'cheap' for all of them); a costly "
+                "measure (Hessian-vector products, sharpness, PAC-Bayes) is tracked only "
+                "with track_costly: true"))
+
+    @property
+    def tracked_measures(self) -> tuple[str, ...]:
+        """The measure names tracked every epoch besides the conv flatness (none when
+        ``track_flatness`` is off)."""
+        return track_names(self.track_measures) if self.track_flatness else ()
+
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (``step_milestones`` as a list)."""
+        """The fields as a JSON-ready dict (``step_milestones`` and a ``track_measures``
+        tuple as lists)."""
         d = dataclasses.asdict(self)
         d["step_milestones"] = list(self.step_milestones)
+        if isinstance(self.track_measures, tuple):
+            d["track_measures"] = list(self.track_measures)
         return d
 
     @classmethod
