@@ -41,6 +41,11 @@ def test_log_log_interpolation_by_hand():
     assert got[1] == pytest.approx(4.0)       # exactly at an epoch's loss
     assert np.isnan(got[2])                   # above the first epoch's loss: not observed
     assert np.isnan(got[3])                   # never reached
+    # a measure missing at the crossing epoch: the nearest epochs that have it
+    h[2]["conv_trace"] = None
+    t2 = (math.log(0.05) - math.log(0.1)) / (math.log(0.009) - math.log(0.1))
+    ref2 = math.exp(math.log(4.0) + t2 * (math.log(1.0) - math.log(4.0)))
+    assert values_at_levels(h, "conv_trace", [0.05])[0] == pytest.approx(ref2)
     # a non-positive value falls back to linear interpolation in the value
     h[2]["conv_trace"] = -2.0
     assert values_at_levels(h, "conv_trace", [0.05])[0] == pytest.approx(4.0 + t * (-6.0))

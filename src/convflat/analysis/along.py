@@ -13,8 +13,9 @@ loss, which every run reaches).
 Reading a run at a level. The loss recorded per epoch (``train_loss_eval``, the eval-mode
 loss on the whole training split, where the run stops on it; otherwise ``loss``, the mean
 minibatch loss of the epoch) is followed until it first falls to the level or below, at
-epoch k. The measure is interpolated between epochs k - 1 and k linearly in
-(log loss, log measure), i.e. as a power law between the two epochs:
+epoch k. The measure is interpolated between epochs k - 1 and k (or, for a measure tracked
+only every few epochs late in training, the nearest epochs before and from k that have it)
+linearly in (log loss, log measure), i.e. as a power law between the two epochs:
 
     t = (log L - log l_{k-1}) / (log l_k - log l_{k-1}),
     log m(L) = log m_{k-1} + t (log m_k - log m_{k-1}),
@@ -130,13 +131,22 @@ def values_at_levels(history: Sequence[Mapping], key: str, levels: Sequence[floa
     """``key`` of one history read at each training-loss level (NaN where not reached)."""
     loss = _losses(history)
     values = np.array([_number(e.get(key)) for e in history])
+    has = np.nonzero(np.isfinite(values))[0]
     out = np.full(len(levels), np.nan)
     for j, level in enumerate(levels):
         below = np.nonzero(np.isfinite(loss) & (loss <= level))[0]
         if not below.size or below[0] == 0:
             continue  # never reached, or already below it after the first epoch
         k = below[0]
-        out[j] = _interpolate(loss[k - 1], loss[k], values[k - 1], values[k], level)
+        # the nearest epochs with a value on either side of the crossing (a measure tracked
+        # every few epochs late in training is null in between)
+        before, after = has[has < k], has[has >= k]
+        if not (before.size and after.size):
+            continue
+        k0, k1 = before[-1], after[0]
+        if not (loss[k0] > level >= loss[k1]):
+            continue  # the loss went back above the level between them: no clean crossing
+        out[j] = _interpolate(loss[k0], loss[k1], values[k0], values[k1], level)
     return out
 
 
