@@ -103,3 +103,26 @@ def test_figure(tmp_path):
         "tau_lo": [0.3, 0.0, 0.1, 0.1], "tau_hi": [0.7, 0.4, 0.5, 0.5]})
     png, pdf = plot_tau_along_training({"loss_gap": table}, tmp_path / "t")
     assert png.read_bytes()[:4] == b"\x89PNG" and pdf.stat().st_size > 1000
+
+
+def test_write_from_records_with_the_subset_note(tmp_path):
+    rng = np.random.default_rng(3)
+    runs, records = [], {}
+    for k in range(8):
+        gap = rng.uniform(0.1, 1.0)
+        losses = list(np.geomspace(2.0, 0.009, 7))
+        records[f"r{k}"] = {"history": _history(losses, [gap + 0.1 * j for j in range(7)]),
+                            "flatness_tracking": {"n_samples": 1024},
+                            "dataset": {"n_train": 300 if k % 2 else 1437}}
+        runs.append({"run_id": f"r{k}", "status": "ok", "converged": True, "loss_gap": gap,
+                     "acc_gap": gap / 2, "loss_target": 0.01, "train_loss": 0.009})
+    from convflat.analysis.along import write_tau_along_training
+    tables, levels, note = write_tau_along_training(
+        pd.DataFrame(runs), records, tmp_path / "tau_along_training",
+        targets=["loss_gap", "acc_gap"], n_levels=5, n_boot=50)
+    assert levels.bottom == 0.01 and len(levels.levels) == 5
+    assert set(tables) == {"loss_gap", "acc_gap"}
+    csv = pd.read_csv(tmp_path / "tau_along_training.csv")
+    assert set(csv["target"]) == {"loss_gap", "acc_gap"} and len(csv) == 2 * 5 * 2
+    assert "in 4 of 8 runs it is smaller than the training split (1024 of 1437" in note
+    assert note in (tmp_path / "tau_along_training.md").read_text()

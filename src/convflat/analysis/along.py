@@ -41,8 +41,9 @@ from convflat.analysis.paired import paired_tau_difference
 from convflat.analysis.runs import OURS, numeric_column
 from convflat.analysis.stats import bootstrap_kendall, kendall_tau
 
-__all__ = ["LOSS_KEYS", "LossLevels", "loss_levels", "tau_along_training",
-           "tracked_keys", "values_at_levels"]
+__all__ = ["LOSS_KEYS", "LossLevels", "along_markdown", "along_sentence", "loss_levels",
+           "subset_note", "tau_along_training", "tracked_keys", "values_at_levels",
+           "write_tau_along_training"]
 
 #: The per-epoch loss a history is read by, first present wins.
 LOSS_KEYS = ("train_loss_eval", "loss")
@@ -261,3 +262,61 @@ def along_markdown(tables: Mapping[str, pd.DataFrame], levels: LossLevels, *,
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def subset_note(records: Sequence[Mapping]) -> str:
+    """Where the tracked values come from, against the end-of-training measures: the
+    tracker reads a seeded subset of the training images (``flatness_tracking.n_samples``),
+    the measure job the whole training split, so they agree only where the subset is the
+    whole split."""
+    parts = []
+    for rec in records:
+        tracking = rec.get("flatness_tracking") or {}
+        n = tracking.get("n_samples")
+        total = (rec.get("dataset") or {}).get("n_train")
+        if n is not None:
+            parts.append((int(n), int(total) if total is not None else None))
+    if not parts:
+        return "The runs record no tracking subset."
+    smaller = [p for p in parts if p[1] is not None and p[0] < p[1]]
+    if not smaller:
+        return ("The tracked values are computed on each run's whole training split, the "
+                "images the end-of-training measures use.")
+    return (f"The tracked values are computed on a seeded subset of the training images; in "
+            f"{len(smaller)} of {len(parts)} runs it is smaller than the training split "
+            f"({smaller[0][0]} of {smaller[0][1]} images), so there the values differ from the "
+            "end-of-training measures, which use the whole split.")
+
+
+def write_tau_along_training(runs: pd.DataFrame, records: Mapping[str, Mapping],
+                             prefix, *, targets: Sequence[str], n_levels: int = 6,
+                             n_boot: int = 1000, seed: int = 0, title: str | None = None,
+                             require_converged: bool = True) -> tuple[dict, LossLevels, str]:
+    """The workflow's job: ``<prefix>.csv`` (every target's rows, a ``target`` column) and
+    ``<prefix>.md`` from the usable runs of ``runs`` and their ``train.json`` records
+    (run id -> record). Returns the per-target tables, the levels and the subset note."""
+    from pathlib import Path
+
+    from convflat.analysis.runs import select_runs
+    from convflat.io import atomic_write_text
+
+    use = select_runs(runs, require_converged=require_converged).runs
+    hist = {str(r): (records[str(r)].get("history") or []) for r in use["run_id"]
+            if str(r) in records}
+    hist = {r: h for r, h in hist.items() if h}
+    if len(hist) < 2:
+        raise ValueError(f"tau along training needs >= 2 usable runs with a history, got "
+                         f"{len(hist)}")
+    goal = pd.to_numeric(use.get("loss_target"), errors="coerce") \
+        if "loss_target" in use.columns else pd.Series(dtype=float)
+    target_loss = float(goal.min()) if goal.notna().any() else None
+    levels = loss_levels(hist, n_levels=n_levels, target=target_loss)
+    tables = {t: tau_along_training(use, hist, t, levels=levels, n_boot=n_boot, seed=seed)
+              for t in targets}
+    note = subset_note([records[r] for r in hist])
+    prefix = Path(prefix)
+    frame = pd.concat([tb.assign(target=t) for t, tb in tables.items()], ignore_index=True)
+    atomic_write_text(prefix.with_suffix(".csv"), frame.to_csv(index=False, float_format="%.10g"))
+    atomic_write_text(prefix.with_suffix(".md"), along_markdown(tables, levels, title=title,
+                                                                note=note))
+    return tables, levels, note
