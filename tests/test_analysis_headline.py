@@ -190,3 +190,19 @@ def test_one_usable_run_keeps_the_controls_of_the_whole_table():
     table = correlation_table(runs, targets=["loss_gap"], n_boot=20, cmi=False)
     md = headline_markdown(table, runs, targets=["loss_gap"])
     assert md.splitlines()[2].startswith("**Insufficient evidence.** Only 1 usable run(s)")
+
+
+def test_the_along_training_sentence_is_added_per_target():
+    runs = _runs()
+    table = correlation_table(runs, targets=["loss_gap"], n_boot=20, cmi=False)
+    along = pd.DataFrame({
+        "target": "loss_gap", "loss_level": [1.0, 0.1, 1.0, 0.1], "level_index": [0, 1, 0, 1],
+        "measure": ["conv_trace", "conv_trace", "path_norm", "path_norm"],
+        "ours": [True, True, False, False], "tau": [0.6, 0.3, 0.2, 0.4],
+        "tau_lo": [0.4, 0.1, 0.0, 0.2], "tau_hi": [0.8, 0.5, 0.4, 0.6], "n": 32,
+        "best_baseline": "path_norm", "diff": [0.4, -0.1, np.nan, np.nan],
+        "diff_lo": [0.1, -0.3, np.nan, np.nan], "diff_hi": [0.6, 0.1, np.nan, np.nan]})
+    md = headline_markdown(table, runs, targets=["loss_gap"], along=along)
+    assert ("Along training, conv_trace predicts the loss gap best at training loss 1 (τ = 0.60 "
+            "[0.40, 0.80], 32 runs), against τ = 0.30 at the last level (0.1); there it is ahead "
+            "of the best tracked baseline path_norm") in md

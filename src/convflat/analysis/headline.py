@@ -483,14 +483,31 @@ def _settings_from(table: pd.DataFrame, s: HeadlineSettings | None, **kw) -> Hea
     return HeadlineSettings(**{**base, **kw})
 
 
+def _along_lines(along, targets: Sequence[str]) -> list[str]:
+    """One sentence per target from the tau-along-training table (a DataFrame with a
+    ``target`` column, or the path of ``tau_along_training.csv``); nothing without one."""
+    if along is None:
+        return []
+    from convflat.analysis.along import along_sentence
+
+    frame = along if isinstance(along, pd.DataFrame) else pd.read_csv(along)
+    out = [along_sentence(frame[frame["target"] == t], _words(t))
+           for t in targets if (frame["target"] == t).any()]
+    return [*out, ""] if out else []
+
+
 def headline_markdown(table, runs, *, settings: HeadlineSettings | None = None,
-                      title: str | None = None, footer: str | None = None, **kw) -> str:
+                      title: str | None = None, footer: str | None = None, along=None,
+                      **kw) -> str:
     """The headline of a study as Markdown (see the module docstring).
 
     ``table``: the study's correlation table (DataFrame or ``correlation.csv``, with its
     control rows); ``runs``: its runs table (DataFrame or ``runs.csv``) with the measure
     columns. ``settings`` or keyword arguments of :class:`HeadlineSettings` (the bootstrap
-    settings default to the table's). ``footer``: an extra last line.
+    settings default to the table's). ``along``: the study's tau-along-training table
+    (:func:`~convflat.analysis.along.write_tau_along_training`'s CSV or DataFrame), for one
+    sentence per target on where along training our measure predicts best. ``footer``: an
+    extra last line.
     """
     table, runs = _as_table(table), _as_runs(runs)
     if "targets" in kw:
@@ -502,7 +519,7 @@ def headline_markdown(table, runs, *, settings: HeadlineSettings | None = None,
     answers = [target_answer(table, runs, t, s) for t in s.targets]
     words = n_used >= s.min_runs
     out = [f"# {title}" if title else "# Headline", "", _answer(answers, n_used, s), "",
-           "## Evidence", "", *_evidence(runs, answers, s)]
+           "## Evidence", "", *_evidence(runs, answers, s), *_along_lines(along, s.targets)]
     for a in answers:
         out += [f"## {_words(a.target)} (`{a.target}`)", "", "### Paired comparison", "",
                 *_paired_table(a, s, words), "", "### Along each grid axis", "",
