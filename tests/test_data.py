@@ -239,6 +239,32 @@ def test_npz_missing_or_unreadable_file(tmp_path):
         prepare(f"npz:{tmp_path / 'broken.npz'}", root=tmp_path)
 
 
+def test_npz_garbage_is_named_as_not_an_npz(tmp_path):
+    """Text, or a bare .npy, is not a zip archive: one sentence saying what an .npz is, not
+    numpy's advice about pickles."""
+    text = tmp_path / "notes.npz"
+    text.write_text("x,y\n1,2\n")
+    npy = tmp_path / "bare.npz"
+    with open(npy, "wb") as fh:
+        np.save(fh, np.zeros((4, 8, 8), dtype=np.uint8))
+    for path in (text, npy):
+        with pytest.raises(ValueError) as info:
+            prepare(f"npz:{path}", root=tmp_path)
+        assert str(info.value) == (f"{path} is not an .npz file (a zip archive of .npy arrays, "
+                                   "as np.savez writes)")
+
+
+def test_npz_object_array_is_refused_without_unpickling(tmp_path):
+    arrays = _good()
+    arrays["y_train"] = np.array([int(v) for v in arrays["y_train"]], dtype=object)
+    path = _npz(tmp_path, "objects.npz", **arrays)
+    with pytest.raises(ValueError) as info:
+        prepare(f"npz:{path}", root=tmp_path)
+    assert str(info.value) == (f"{path}: an array holds Python objects; convflat reads only "
+                               "numeric arrays")
+    assert "pickle" not in str(info.value)
+
+
 def test_npz_edit_is_prepared_again(tmp_path):
     path = _npz(tmp_path, **_good(seed=0))
     first = load_prepared(prepare(f"npz:{path}", root=tmp_path))

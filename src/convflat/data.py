@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -657,11 +658,19 @@ def _load_npz(path: Path, test_fraction: float, seed: int):
     the file."""
     if not path.is_file():
         raise FileNotFoundError(f"npz file {path} does not exist")
+    if not zipfile.is_zipfile(path):  # text, a bare .npy, a truncated download, ...
+        raise ValueError(f"{path} is not an .npz file (a zip archive of .npy arrays, as "
+                         "np.savez writes)")
     try:
-        npz = np.load(path, allow_pickle=False)
-        arrays = {k: npz[k] for k in npz.files}
-    except Exception as exc:  # zip errors, pickled objects, truncated files
-        raise ValueError(f"{path}: cannot read as .npz without pickles ({exc})") from exc
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as exc:  # numpy refuses an object array (it would need pickles)
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise ValueError(f"{path}: an array holds Python objects; convflat reads only "
+                             "numeric arrays") from None
+        raise ValueError(f"{path}: cannot read as .npz ({exc})") from exc
+    except Exception as exc:  # a damaged member: zip or format errors
+        raise ValueError(f"{path}: cannot read as .npz ({exc})") from exc
     keys = set(arrays)
     if set(_NPZ_SPLIT) <= keys:
         kind, img_keys, lab_keys = "given", ("x_train", "x_test"), ("y_train", "y_test")

@@ -23,6 +23,7 @@ from convflat.measures import (  # noqa: F401
 )
 from convflat.measures.base import MEASURES, Measure
 from convflat.measures.context import Context
+from convflat.records import MEASURES_FORMAT, write_measures_record
 
 __all__ = [
     "DEFAULT_MEASURES",
@@ -32,8 +33,6 @@ __all__ = [
     "resolve_names",
     "write_measures_json",
 ]
-
-MEASURES_FORMAT = "convflat-measures/1"
 
 #: Computed when ``names`` is None: a set that costs a few seconds per small model on a CPU
 #: (docs/measures.md has the figures). Not here, ask for them by name: ``hutchpp_trace`` and
@@ -163,7 +162,8 @@ def write_measures_json(
     seconds: float | None = None,
     **meta: Any,
 ) -> Path:
-    """Write ``results`` of :func:`compute_measures` atomically as measures.json.
+    """Write ``results`` of :func:`compute_measures` atomically as measures.json, through
+    :func:`convflat.records.write_measures_record` (the one definition of its layout).
 
     Layout: the provenance fields of :func:`convflat.io.provenance` (convflat, torch and
     python versions, device, seed, seconds, status), ``format``, ``values`` (name -> value,
@@ -173,7 +173,7 @@ def write_measures_json(
     ``status`` is "failed" only when every requested measure failed; a run with some failed
     measures stays "ok" and lists them in ``failed``, so analysis can drop just those values.
     """
-    from convflat.io import atomic_write_json, provenance
+    from convflat.io import provenance
 
     failed = [n for n, r in results.items() if r.get("status") == "failed"]
     skipped = [n for n, r in results.items() if r.get("status") == "skipped"]
@@ -191,4 +191,5 @@ def write_measures_json(
         "measures": results,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return atomic_write_json(path, doc)
+    write_measures_record(path, doc)
+    return Path(path)
