@@ -26,13 +26,14 @@ SRC = str(Path(convflat.__file__).resolve().parents[1])  # the convflat this ses
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from convflat.data import prepare
+    from convflat.data import data_identity, load_prepared, prepare
 
     root = tmp_path_factory.mktemp("disk")
     data = prepare("sklearn-digits", root=root, download=False)
     torch.manual_seed(0)
     save_checkpoint(root / "model.pt", build_model(
-        {"family": "gapcnn", "width": 4, "depth": 2, "in_channels": 1, "num_classes": 10}))
+        {"family": "gapcnn", "width": 4, "depth": 2, "in_channels": 1, "num_classes": 10}),
+        data=data_identity(load_prepared(data)))
     return root, data
 
 

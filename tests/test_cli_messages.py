@@ -34,11 +34,14 @@ def test_train_help_still_offers_a_prepared_file(capsys):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tmp_path_factory, digits):
+    from convflat.data import data_identity
+
     path = tmp_path_factory.mktemp("msg") / "model.pt"
     torch.manual_seed(0)
     save_checkpoint(path, build_model(
-        {"family": "gapcnn", "width": 4, "depth": 2, "in_channels": 1, "num_classes": 10}))
+        {"family": "gapcnn", "width": 4, "depth": 2, "in_channels": 1, "num_classes": 10}),
+        data=data_identity(digits))
     return path
 
 

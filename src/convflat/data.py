@@ -23,6 +23,7 @@ Dataset names (:data:`DATASETS`; the built-in ones are the rows of
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import zipfile
@@ -162,6 +163,82 @@ class Prepared:
         }
 
 
+# --------------------------------------------------------------------------------------------
+# Data identity: what a checkpoint records about the data it was trained on
+# --------------------------------------------------------------------------------------------
+
+IDENTITY_FORMAT = "convflat-data-identity/1"
+
+
+def train_hash(prepared: Prepared) -> str:
+    """SHA-256 (hex) of the training split as prepared: the uint8 image bytes (C-contiguous
+    N x C x H x W), then the int64 labels (little-endian), then the shape. Two prepared files
+    with equal hashes hold the same training images with the same (noisy) labels."""
+    x = prepared.x_train.detach().cpu().to(torch.uint8).contiguous().numpy()
+    y = prepared.y_train.detach().cpu().to(torch.int64).contiguous().numpy().astype("<i8")
+    h = hashlib.sha256()
+    h.update(x.tobytes())
+    h.update(y.tobytes())
+    h.update(repr(tuple(x.shape)).encode())
+    return h.hexdigest()
+
+
+def data_identity(prepared: Prepared) -> dict[str, Any]:
+    """The identity of a prepared dataset, as a checkpoint records it (JSON-ready):
+    ``format``, ``name``, ``source``, ``subset``, ``label_noise``, ``seed``,
+    ``test_fraction``, ``image_shape`` [C, H, W], ``classes`` (K), ``n_train``,
+    ``train_hash`` (:func:`train_hash`), ``request`` (the arguments of :func:`prepare` that
+    wrote it, so that it can be prepared again) and ``path`` (the absolute path of the
+    prepared file, None for data prepared in memory)."""
+    meta = prepared.meta
+    return {
+        "format": IDENTITY_FORMAT,
+        "name": prepared.name,
+        "source": meta.get("source"),
+        "subset": meta.get("subset"),
+        "label_noise": float(meta.get("label_noise") or 0.0),
+        "seed": meta.get("seed"),
+        "test_fraction": meta.get("test_fraction"),
+        "image_shape": [int(s) for s in prepared.x_train.shape[1:]],
+        "classes": prepared.num_classes,
+        "n_train": int(prepared.x_train.shape[0]),
+        "train_hash": train_hash(prepared),
+        "request": meta.get("request"),
+        "path": None if prepared.path is None else str(Path(prepared.path).resolve()),
+    }
+
+
+def describe_identity(identity: dict[str, Any]) -> str:
+    """One short phrase naming a data identity, e.g. ``sklearn-digits (300 train images,
+    subset 300, noise 0, seed 0; 1x8x8, 10 classes; train hash 1a2b3c4d5e6f)``."""
+    shape = "x".join(str(s) for s in identity.get("image_shape") or []) or "?"
+    subset = identity.get("subset")
+    parts = [f"{identity.get('n_train')} train images"]
+    if subset is not None:
+        parts.append(f"subset {subset}")
+    parts += [f"noise {float(identity.get('label_noise') or 0):g}", f"seed {identity.get('seed')}"]
+    return (f"{identity.get('name')} ({', '.join(parts)}; {shape}, {identity.get('classes')} "
+            f"classes; train hash {str(identity.get('train_hash'))[:12]})")
+
+
+def identity_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> str | None:
+    """None when two identities name the same training data (equal train hashes); else the
+    first difference, as a phrase: ``"image shape 1x8x8 vs 1x16x16"``, ``"10 vs 4
+    classes"``, ``"300 vs 1438 training images"``, ``"other training images or labels"``."""
+    shape_a = list(expected.get("image_shape") or [])
+    shape_b = list(found.get("image_shape") or [])
+    if shape_a != shape_b:
+        return (f"image shape {'x'.join(map(str, shape_a))} vs "
+                f"{'x'.join(map(str, shape_b))}")
+    if expected.get("classes") != found.get("classes"):
+        return f"{expected.get('classes')} vs {found.get('classes')} classes"
+    if expected.get("n_train") != found.get("n_train"):
+        return f"{expected.get('n_train')} vs {found.get('n_train')} training images"
+    if expected.get("train_hash") != found.get("train_hash"):
+        return "other training images or labels"
+    return None
+
+
 def load_prepared(path: str | os.PathLike) -> Prepared:
     """Read a file written by :func:`prepare` (``torch.load(weights_only=True)``)."""
     path = Path(path)
@@ -287,6 +364,30 @@ def prepare(
     log.info("prepared %s: %d train, %d test, %d classes, images %s -> %s", name,
              x_tr.shape[0], x_te.shape[0], len(classes), tuple(x_tr.shape[1:]), out)
     return out
+
+
+def prepare_transient(name: str, *, root: str | os.PathLike = "data", subset: int | None = None,
+                      label_noise: float = 0.0, seed: int = 0, test_fraction: float = 0.2,
+                      download: bool = True) -> Prepared:
+    """:func:`prepare` without writing a prepared file under ``root``: a file at
+    :func:`default_path` written by the same request is read (not rewritten); otherwise the
+    data are prepared into a temporary directory, read back and the file removed
+    (``path`` of the result is then None). torchvision sources still read (and, with
+    ``download``, fetch) their raw files under ``root``."""
+    import tempfile
+
+    name = canonical_name(name)
+    _check_request(subset, label_noise, test_fraction)
+    kw = {"subset": subset, "label_noise": label_noise, "seed": seed,
+          "test_fraction": test_fraction}
+    existing = default_path(name, root=root, **kw)
+    if _holds_request(existing, _request(name, subset, label_noise, seed, test_fraction)):
+        return load_prepared(existing)
+    with tempfile.TemporaryDirectory(prefix="convflat-prepare-") as tmp:
+        prepared = load_prepared(prepare(name, root=root, out=Path(tmp) / "prepared.pt",
+                                         download=download, **kw))
+    prepared.path = None
+    return prepared
 
 
 def _check_request(subset: Any, label_noise: Any, test_fraction: Any) -> None:

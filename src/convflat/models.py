@@ -317,7 +317,11 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 def checkpoint_dict(model: nn.Module, spec: dict[str, Any] | None = None,
                     **extra: Any) -> dict[str, Any]:
     """``{"format": "convflat-model/1", "spec", "state_dict", **extra}`` with the state on the
-    CPU in the default (contiguous) memory format."""
+    CPU in the default (contiguous) memory format.
+
+    Training passes ``data=`` :func:`convflat.data.data_identity` of the prepared data it
+    trains on (model.pt and init.pt); :func:`checkpoint_data` reads it back. Checkpoints
+    written before that have no ``data`` key."""
     spec = normalize_spec(spec if spec is not None else model.spec)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return {"format": MODEL_FORMAT, "spec": spec, "state_dict": state, **extra}
@@ -395,6 +399,26 @@ def load_torch_file(path: str | os.PathLike, map_location: str | torch.device = 
                         "(torch.load weights_only=True): save model.state_dict() instead"
                     ) from exc
         raise ValueError(f"not a convflat or torch checkpoint: {path}") from exc
+
+
+def checkpoint_data(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> (
+        dict[str, Any] | None):
+    """The data identity a convflat checkpoint records (:func:`convflat.data.data_identity`),
+    or None for a checkpoint written before checkpoints recorded one. ValueError naming the
+    file for a ``data`` entry that is not an identity."""
+    from convflat.data import IDENTITY_FORMAT
+
+    ident = ckpt.get("data")
+    if ident is None:
+        return None
+    if not isinstance(ident, dict) or ident.get("format") != IDENTITY_FORMAT:
+        found = ident.get("format") if isinstance(ident, dict) else type(ident).__name__
+        raise ValueError(f"{path}: its data identity has format {found!r}, expected "
+                         f"{IDENTITY_FORMAT!r}")
+    missing = [k for k in ("image_shape", "classes", "train_hash") if k not in ident]
+    if missing:
+        raise ValueError(f"{path}: its data identity lacks {', '.join(missing)}")
+    return dict(ident)
 
 
 def load_checkpoint(path: str | os.PathLike,

@@ -51,7 +51,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from convflat.data import DeviceData, Prepared, load_prepared, normalize, seeded_generator
+from convflat.data import (
+    DeviceData,
+    Prepared,
+    data_identity,
+    load_prepared,
+    normalize,
+    seeded_generator,
+)
 from convflat.io import (
     METRICS,
     atomic_torch_save,
@@ -315,7 +322,8 @@ def setup_run(run: Run, *, resume: bool = True) -> None:
     model = build_model(run.spec).to(run.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    save_checkpoint(run.out_dir / INIT_FILE, model, run.spec)  # the same file on resume
+    save_checkpoint(run.out_dir / INIT_FILE, model, run.spec,  # the same file on resume
+                    data=data_identity(run.prepared))
     run.model, run.gen = model, seeded_generator(cfg.seed, "train_data")
     p = run.prepared
     run.data = DeviceData(p.x_train, p.y_train, p.mean, p.std, crop_padding=cfg.crop_padding,
@@ -524,7 +532,8 @@ def train(spec: dict[str, Any], prepared: Prepared | str | os.PathLike,
         except Exception as exc:
             record_run(run, "failed", _null_metrics(), error=f"{type(exc).__name__}: {exc}")
             raise
-    save_checkpoint(run.out_dir / MODEL_FILE, run.model, run.spec)
+    save_checkpoint(run.out_dir / MODEL_FILE, run.model, run.spec,
+                    data=data_identity(run.prepared))
     record = record_run(run, status, metrics)
     (run.out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     log.info("%s: %s after %d epochs (%s), train acc %s, test acc %s, %.1f s", run.out_dir,

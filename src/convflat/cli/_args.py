@@ -174,7 +174,8 @@ def add_source_arguments(p) -> None:
 
 def add_measure_data_arguments(p, *, subset_seed_help: str) -> None:
     """The data arguments of ``convflat curvature`` and ``convflat measure`` (the same)."""
-    add_data_argument(p, required=False)
+    add_data_argument(p, required=False, help=DATA_HELP + "; default for a convflat "
+                      "checkpoint: the data it was trained on")
     add_source_arguments(p)
     p.add_argument("--split", default="train", choices=("train", "train_clean", "test"),
                    help="data split to measure on (default: train, as the paper)")
@@ -183,21 +184,149 @@ def add_measure_data_arguments(p, *, subset_seed_help: str) -> None:
                         "(convflat.data.seeded_subset, as the workflow does)")
     p.add_argument("--subset-seed", type=non_negative_int, default=None, metavar="SEED",
                    help=subset_seed_help)
+    p.add_argument("--data-mismatch", choices=("refuse", "ok"), default="refuse",
+                   help="what to do when --data is not the data the checkpoint was trained "
+                        "on: refuse (default, exit 2) or ok (measure anyway; the input "
+                        "channels must still match the model)")
+    p.add_argument("--prepared-out", type=Path, metavar="PATH",
+                   help="write the data prepared from a dataset name to PATH (default: "
+                        "prepare in memory; nothing is written under --root)")
 
 
-def load_measure_data(args: argparse.Namespace, subset_seed: int):
-    """(prepared, x, y): the split of a prepared file, or of a source prepared (or reused)
-    under --root, cut to the seeded subset of --max-samples."""
+def notice(args: argparse.Namespace, text: str) -> None:
+    """One line on stderr: ``convflat <command>: notice: <text>``."""
+    import sys
+
+    print(f"convflat {getattr(args, 'command', '')}: notice: {' '.join(text.split())}",
+          file=sys.stderr)
+
+
+def _prepare_named(args: argparse.Namespace, name: str, *, subset=None, label_noise=0.0,
+                   seed=0, test_fraction=0.2, download: bool | None = None):
+    """A source prepared for measuring: into ``--prepared-out`` when given, else in memory
+    (an existing prepared file of the same request under ``--root`` is read, not written)."""
     from convflat import data as cfdata
 
-    spec = str(args.data)
-    if spec.endswith(".pt") and ":" not in spec:
-        prepared = cfdata.load_prepared(spec)
+    kw = {"subset": subset, "label_noise": label_noise, "seed": seed,
+          "test_fraction": test_fraction,
+          "download": (not args.no_download) if download is None else download}
+    if args.prepared_out is not None:
+        check_output_file(args.prepared_out, "--prepared-out")
+        return cfdata.load_prepared(cfdata.prepare(name, root=args.root,
+                                                   out=args.prepared_out, **kw))
+    return cfdata.prepare_transient(name, root=args.root, **kw)
+
+
+def _run_data(args: argparse.Namespace, identity: dict):
+    """The prepared data a checkpoint's identity names: the prepared file the run trained on
+    when it still holds the same training split, else the same request prepared again (no
+    download) when that gives the same training split; CLIError saying why when neither."""
+    from convflat import data as cfdata
+
+    what = f"the data {args.checkpoint} was trained on ({cfdata.describe_identity(identity)})"
+    reasons = []
+    path = identity.get("path")
+    if path and Path(path).is_file():
+        try:
+            prepared = cfdata.load_prepared(path)
+        except ValueError as exc:
+            reasons.append(str(exc))
+        else:
+            if cfdata.train_hash(prepared) == identity["train_hash"]:
+                notice(args, f"measuring on the run's own data: the prepared file it "
+                             f"trained on, {path}")
+                return prepared
+            reasons.append(f"{path} no longer holds it")
+    elif path:
+        reasons.append(f"its prepared file {path} is gone")
+    request = identity.get("request")
+    if isinstance(request, dict) and request.get("name"):
+        try:
+            prepared = _prepare_named(
+                args, request["name"], subset=request.get("subset"),
+                label_noise=request.get("label_noise", 0.0), seed=request.get("seed", 0),
+                test_fraction=request.get("test_fraction", 0.2), download=False)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            reasons.append(f"preparing {request['name']} again failed ({exc})")
+        else:
+            if cfdata.train_hash(prepared) == identity["train_hash"]:
+                notice(args, f"measuring on the run's own data: {request['name']} prepared "
+                             "again from the checkpoint's data identity (same training "
+                             "split hash)")
+                return prepared
+            reasons.append(f"{request['name']} prepared again gives other training images")
     else:
-        path = cfdata.prepare(spec, root=args.root, download=not args.no_download)
-        prepared = cfdata.load_prepared(path)
+        reasons.append("the identity records no request to prepare it again")
+    raise CLIError(f"cannot find {what}: {'; '.join(reasons)}; give it with --data")
+
+
+def _check_against_model(args: argparse.Namespace, prepared, spec: dict | None) -> None:
+    """A checkpoint without a data identity: its spec's input channels and classes against
+    the data (channels always, classes unless --data-mismatch ok). The spec's image size is
+    not checked: it may be a default that the model, pooling globally, never used."""
+    if not spec:
+        return
+    c, k = prepared.in_channels, prepared.num_classes
+    if spec.get("in_channels") not in (None, c):
+        raise CLIError(f"{args.checkpoint} expects {spec['in_channels']} input channels but "
+                       f"--data {args.data} has {c}")
+    if args.data_mismatch == "ok":
+        return
+    if spec.get("num_classes") not in (None, k):
+        raise CLIError(f"{args.checkpoint} was built for {spec['num_classes']} classes but "
+                       f"--data {args.data} has {k}; pass --data-mismatch ok to measure anyway")
+
+
+def load_measure_data(args: argparse.Namespace, subset_seed: int, *,
+                      checkpoint: dict | None = None):
+    """(prepared, x, y): the split of the data to measure on, cut to the seeded subset of
+    --max-samples.
+
+    ``checkpoint``: the dict of a convflat checkpoint (None for a plain state_dict). Without
+    --data the data are those its identity names (:func:`_run_data`); with --data, a
+    prepared file or a source prepared in memory (or into --prepared-out), checked against
+    the identity before any measuring: other data are refused (CLIError, exit 2, one line
+    naming both) unless --data-mismatch ok. A checkpoint without an identity gets a one-line
+    notice that the data cannot be checked, and a check of its spec's shape and classes.
+    """
+    from convflat import data as cfdata
+    from convflat.models import checkpoint_data
+
+    identity = None if checkpoint is None else checkpoint_data(checkpoint, args.checkpoint)
+    spec = str(args.data) if args.data else None
+    if spec is None:
+        if checkpoint is None:
+            raise CLIError("--data is required with --arch")
+        if identity is None:
+            raise CLIError(f"--data is required: {args.checkpoint} records no data identity "
+                           "(written before checkpoints did)")
+        prepared = _run_data(args, identity)
+    else:
+        if spec.endswith(".pt") and ":" not in spec:
+            prepared = cfdata.load_prepared(spec)
+        else:
+            prepared = _prepare_named(args, spec)
+        if checkpoint is not None and identity is None:
+            notice(args, f"{args.checkpoint} records no data identity (written before "
+                         f"checkpoints did): cannot check that {spec} is the data it was "
+                         "trained on")
+            _check_against_model(args, prepared, checkpoint.get("spec"))
+        elif identity is not None:
+            found = cfdata.data_identity(prepared)
+            diff = cfdata.identity_mismatch(identity, found)
+            if diff is not None and (args.data_mismatch != "ok" or identity["image_shape"][0]
+                                     != found["image_shape"][0]):
+                hint = ("" if args.data_mismatch == "ok" else "; leave out --data to measure "
+                        "on the run's own data, or pass --data-mismatch ok")
+                raise CLIError(
+                    f"{args.checkpoint} was trained on {cfdata.describe_identity(identity)}, "
+                    f"but --data {spec} is {cfdata.describe_identity(found)} ({diff}){hint}")
+            if diff is not None:
+                notice(args, f"measuring on other data than the run's ({diff}; "
+                             "--data-mismatch ok)")
     x, y = prepared.tensors(args.split)
     x, y = cfdata.seeded_subset(x, y, n=args.max_samples, seed=subset_seed)
     if x.shape[0] == 0:
-        raise CLIError(f"dataset {spec!r} has no samples in split {args.split!r}")
+        raise CLIError(f"dataset {spec or prepared.name!r} has no samples in split "
+                       f"{args.split!r}")
     return prepared, x, y

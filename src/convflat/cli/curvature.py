@@ -2,9 +2,17 @@
 
 Examples::
 
-    convflat curvature --checkpoint results/runs/quick/.../model.pt --data sklearn-digits
+    convflat curvature --checkpoint results/runs/quick/.../model.pt
+    convflat curvature --checkpoint results/runs/quick/.../model.pt --data other.pt \\
+        --data-mismatch ok
     convflat curvature --checkpoint resnet18.pth --arch resnet18 --num-classes 10 \\
         --data cifar10 --root data --max-samples 5000 --out resnet18_curvature.json
+
+A convflat checkpoint records the data it was trained on (:func:`convflat.data.data_identity`):
+without ``--data`` it is measured on those data (the prepared file it trained on, or the same
+request prepared again in memory; a notice says which); other ``--data`` is refused (exit 2)
+unless ``--data-mismatch ok``. A dataset name is prepared in memory (nothing is written under
+``--root``) unless ``--prepared-out`` names a file.
 
 ``--max-samples N`` measures on the seeded random subset the workflow's jobs use
 (:func:`convflat.data.seeded_subset`, seed ``--subset-seed``, default 0), not the first N.
@@ -118,15 +126,23 @@ def run(args) -> int:
     import torch
 
     from convflat.curvature import exact_curvature, find_head
+    from convflat.data import train_hash
     from convflat.io import atomic_write_json, check_free_space, provenance, resolve_device
 
-    if not args.data:
-        raise CLIError("--data is required")
     check_output_file(args.out)
     start = time.perf_counter()
     subset_seed = 0 if args.subset_seed is None else args.subset_seed
-    prepared, x, y = load_measure_data(args, subset_seed)
-    model, spec = _load_model(args, prepared.num_classes, prepared.in_channels)
+    if args.arch is None:  # a convflat checkpoint: its data identity decides the data
+        from convflat import models
+
+        model, ckpt = models.load_checkpoint(args.checkpoint)
+        spec = ckpt["spec"]
+        prepared, x, y = load_measure_data(args, subset_seed, checkpoint=ckpt)
+    else:
+        if not args.data:
+            raise CLIError("--data is required with --arch")
+        prepared, x, y = load_measure_data(args, subset_seed)
+        model, spec = _load_model(args, prepared.num_classes, prepared.in_channels)
     first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if first is not None and first.in_channels != x.shape[1]:
         raise CLIError(
@@ -150,7 +166,8 @@ def run(args) -> int:
         "measures": res.to_dict(include_blocks=args.blocks),
         "checkpoint": str(args.checkpoint),
         "spec": spec,
-        "data": {**prepared.describe(), "split": args.split, "n_measured": int(x.shape[0]),
+        "data": {**prepared.describe(), "train_hash": train_hash(prepared),
+                 "split": args.split, "n_measured": int(x.shape[0]),
                  "max_samples": args.max_samples,
                  "subset_seed": subset_seed if args.max_samples is not None else None},
         **provenance(device=dev, seconds=time.perf_counter() - start),

@@ -1,12 +1,14 @@
 """``convflat measure``: compute flatness and generalization measures of one checkpoint.
 
-    convflat measure --checkpoint RUN/model.pt [--init RUN/init.pt] --data PREPARED.pt \\
+    convflat measure --checkpoint RUN/model.pt [--init RUN/init.pt] [--data PREPARED.pt] \\
         [--measures a,b | default | all] [--params JSON] [--out RUN/measures.json]
 
 Writes measures.json (see :func:`convflat.measures.write_measures_json`) next to the
 checkpoint unless ``--out`` says otherwise. ``--list`` prints every measure with its default
 parameters. The data arguments are those of ``convflat curvature`` (a prepared file or a
-dataset name, ``--split``, ``--max-samples`` with ``--subset-seed``).
+dataset name, ``--split``, ``--max-samples`` with ``--subset-seed``, ``--data-mismatch``,
+``--prepared-out``): without ``--data`` the checkpoint is measured on the data it was trained
+on, and other data are refused unless ``--data-mismatch ok``.
 
 Exit status: 0 when every measure ran (or was skipped for want of ``--init``); 1 when a
 measure failed (measures.json is written all the same, with each failure's error), unless
@@ -96,9 +98,8 @@ def run(args: argparse.Namespace) -> int:
     """Compute the measures and write measures.json; the exit status is in the module doc."""
     if args.list:
         return _list()
-    for key in ("checkpoint", "data"):
-        if not getattr(args, key):
-            raise CLIError(f"--{key} is required")
+    if not args.checkpoint:
+        raise CLIError("--checkpoint is required")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("measures.json")
     check_output_file(out)
     # the model and data layers import torch: only now, so that `convflat --help` stays fast
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if args.init:
         init, _ = load_checkpoint(args.init)
     subset_seed = args.seed if args.subset_seed is None else args.subset_seed
-    _, x, y = load_measure_data(args, subset_seed)
+    prepared, x, y = load_measure_data(args, subset_seed, checkpoint=ckpt)
     # a lower bound of measures.json's size (a few hundred bytes per entry), before the work
     check_free_space(out, 512 * len(names) + 1024, "measures.json")
     start = time.perf_counter()
@@ -125,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     write_measures_json(
         out, results, device=dev, seed=args.seed, seconds=seconds,
-        checkpoint=str(args.checkpoint), init=args.init, data=str(args.data), split=args.split,
+        checkpoint=str(args.checkpoint), init=args.init,
+        data=str(args.data or prepared.path or prepared.name), split=args.split,
         n_samples=int(x.shape[0]), spec=ckpt.get("spec"),
     )
     failed = [n for n, r in results.items() if r["status"] == "failed"]
