@@ -314,3 +314,17 @@ def test_training_doc_names_every_spec_key():
                 assert f"`{opt.name}`" in doc  # "All specs also need ..."
             else:
                 assert f"`{opt.name}`" in rows[family], (family, opt.name)
+
+
+def test_checkpoint_data_identity_is_read_back_or_refused(tmp_path):
+    from convflat.models import checkpoint_data
+
+    assert checkpoint_data({"format": "convflat-model/1"}) is None  # written before identities
+    ident = {"format": "convflat-data-identity/1", "image_shape": [1, 8, 8], "classes": 10,
+             "train_hash": "ab"}
+    assert checkpoint_data({"data": ident}) == ident
+    with pytest.raises(ValueError, match=r"m\.pt: its data identity has format 'other'"):
+        checkpoint_data({"data": {**ident, "format": "other"}}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"m\.pt: its data identity lacks train_hash"):
+        checkpoint_data({"data": {k: v for k, v in ident.items() if k != "train_hash"}},
+                        tmp_path / "m.pt")
