@@ -164,10 +164,10 @@ def add_data_argument(p, *, required: bool = True, help: str = DATA_HELP) -> Non
                    help=f"{help} (--dataset is an alias)")
 
 
-def add_source_arguments(p) -> None:
+def add_source_arguments(p, root_help: str = "where torchvision datasets live and prepared "
+                         "files go (default: data)") -> None:
     """Where sources live: ``--root`` and ``--no-download``."""
-    p.add_argument("--root", type=Path, default=Path("data"),
-                   help="where torchvision datasets live and prepared files go (default: data)")
+    p.add_argument("--root", type=Path, default=Path("data"), help=root_help)
     p.add_argument("--no-download", action="store_true",
                    help="never touch the network (a missing torchvision dataset is an error)")
 
@@ -176,7 +176,8 @@ def add_measure_data_arguments(p, *, subset_seed_help: str) -> None:
     """The data arguments of ``convflat curvature`` and ``convflat measure`` (the same)."""
     add_data_argument(p, required=False, help=DATA_HELP + "; default for a convflat "
                       "checkpoint: the data it was trained on")
-    add_source_arguments(p)
+    add_source_arguments(p, root_help="where torchvision datasets live and prepared files "
+                         "are looked for; nothing is written there (default: data)")
     p.add_argument("--split", default="train", choices=("train", "train_clean", "test"),
                    help="data split to measure on (default: train, as the paper)")
     p.add_argument("--max-samples", type=positive_int, metavar="N",
