@@ -176,3 +176,14 @@ def test_checkpoint_without_identity_still_works_with_a_notice(digits, tmp_path,
     assert json.loads(out)["data"]["n_measured"] == 50
     code, _, err = _call(["curvature", "--checkpoint", str(path), "--device", "cpu"], capsys)
     assert code == 2 and "--data is required" in err
+
+
+def test_prepared_out_writes_the_prepared_data_where_asked(run, tmp_path, capsys):
+    run_dir, _ = run
+    out = tmp_path / "asked" / "digits.pt"
+    code, _, err = _call(["curvature", "--checkpoint", str(run_dir / "model.pt"), "--data",
+                          "sklearn-digits", "--root", str(tmp_path / "data"), "--prepared-out",
+                          str(out), "--data-mismatch", "ok", "--max-samples", "20", "--device",
+                          "cpu"], capsys)
+    assert code == 0, err
+    assert load_prepared(out).x_train.shape[0] == 1438 and not (tmp_path / "data").exists()

@@ -177,7 +177,7 @@ def add_measure_data_arguments(p, *, subset_seed_help: str) -> None:
     add_data_argument(p, required=False, help=DATA_HELP + "; default for a convflat "
                       "checkpoint: the data it was trained on")
     add_source_arguments(p, root_help="where torchvision datasets live and prepared files "
-                         "are looked for; nothing is written there (default: data)")
+                         "are looked for, never written (default: data)")
     p.add_argument("--split", default="train", choices=("train", "train_clean", "test"),
                    help="data split to measure on (default: train, as the paper)")
     p.add_argument("--max-samples", type=positive_int, metavar="N",
