@@ -47,10 +47,12 @@ class Stage:
 
     @property
     def rule_file(self) -> str:
+        """Its rule file, relative to the repository root."""
         return f"workflow/rules/{self.name}.smk"
 
     @property
     def module(self) -> str:
+        """Its job module."""
         return f"convflat.pipeline.{self.name}"
 
 
