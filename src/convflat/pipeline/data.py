@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from convflat.io import atomic_write_json, provenance
+
 __all__ = [
     "DownloadError", "download_source", "folder_digest", "folder_listing", "user_data_path",
     "write_folder_manifest",
@@ -90,7 +92,6 @@ def download_source(source: str, root: str | os.PathLike,
     import torchvision
 
     from convflat.data import download, torchvision_files
-    from convflat.io import atomic_write_json, provenance
     from convflat.train import error_text
 
     start_time, root = time.perf_counter(), str(root)
