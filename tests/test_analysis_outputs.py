@@ -1,4 +1,5 @@
-"""convflat.analysis tables, figures and analyse_study: files written, readable, marked."""
+"""convflat.analysis tables and figures, written as the workflow's analysis jobs write them
+(convflat.pipeline): files written, readable, marked."""
 
 from __future__ import annotations
 
@@ -15,9 +16,6 @@ import pandas as pd
 import pytest
 
 from convflat.analysis import (
-    STUDY_FIGURES,
-    STUDY_TABLES,
-    analyse_study,
     combine_runs,
     correlation_table,
     figure_paths,
@@ -26,7 +24,33 @@ from convflat.analysis import (
     read_correlation_table,
     runs_summary_table,
     write_correlation_table,
+    write_runs_summary,
 )
+from convflat.pipeline.analysis import draw_figure, read_runs_tables
+
+#: What the correlation, runs_summary and (non-optional) figure jobs of a study write.
+STUDY_TABLES = tuple(f"{name}.{ext}" for name in ("correlation", "runs_summary")
+                     for ext in ("csv", "md", "tex"))
+STUDY_FIGURES = tuple(f"{name}.{ext}" for name in ("measure_vs_gap", "tau_psi", "psi_heatmap")
+                      for ext in ("png", "pdf"))
+
+
+def analyse(runs_csv, tables, figures, *, title, targets=("loss_gap", "acc_gap", "test_error"),
+            n_boot=200):
+    """A study's tables and figures, each written as its workflow job writes it:
+    ``{file stem: [paths]}`` and ``"paths"``: all of them."""
+    analysis = {"targets": list(targets), "require_converged": True}
+    runs = read_runs_tables(runs_csv)
+    table = correlation_table(runs, targets=list(targets), n_boot=n_boot, seed=0,
+                              require_converged=True)
+    out = {"correlation": write_correlation_table(table, tables / "correlation", title=title),
+           "runs_summary": write_runs_summary(runs, tables / "runs_summary",
+                                              require_converged=True)}
+    inputs = {"runs": str(runs_csv), "correlation": str(tables / "correlation.csv")}
+    for name in ("measure_vs_gap", "tau_psi", "psi_heatmap"):
+        out[name] = draw_figure(name, inputs, figures / name, analysis)
+    out["paths"] = [p for paths in list(out.values()) for p in paths]
+    return out
 
 
 def _runs(seed: int = 0, study: str = "toy") -> pd.DataFrame:
@@ -68,11 +92,11 @@ def study(tmp_path_factory):
     csv = root / "tables" / "toy" / "runs.csv"
     csv.parent.mkdir(parents=True)
     _runs().to_csv(csv, index=False)
-    out = analyse_study(csv, root / "tables" / "toy", root / "figures" / "toy", n_boot=200)
+    out = analyse(csv, root / "tables" / "toy", root / "figures" / "toy", title="toy")
     return root, out
 
 
-def test_analyse_study_writes_every_file(study):
+def test_a_study_writes_every_file(study):
     root, out = study
     names = sorted(p.name for p in out["paths"])
     assert names == sorted(STUDY_TABLES + STUDY_FIGURES)
@@ -172,13 +196,12 @@ def test_overall_table_from_several_studies(tmp_path):
 
 
 def test_single_run_study_still_writes_its_outputs(tmp_path):
-    # A list of runs tables is the "overall" path of analyse_study; here a list of one, with
-    # a single usable run: every file is still written, statistics are NaN with a reason.
+    # A single usable run: every file is still written, statistics are NaN with a reason.
     csv = tmp_path / "one" / "runs.csv"
     csv.parent.mkdir()
     _runs().iloc[:3].to_csv(csv, index=False)  # run 0 diverged, run 1 did not converge
-    out = analyse_study([csv], tmp_path / "t", tmp_path / "f", n_boot=20,
-                        targets=("loss_gap",), dpi=80)
+    out = analyse(csv, tmp_path / "t", tmp_path / "f", title="overall", n_boot=20,
+                  targets=("loss_gap",))
     assert sorted(p.name for p in out["paths"]) == sorted(STUDY_TABLES + STUDY_FIGURES)
     assert all(p.is_file() and p.stat().st_size > 0 for p in out["paths"])
     table = read_correlation_table(tmp_path / "t" / "correlation.csv")

@@ -19,8 +19,9 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
+from convflat.pipeline.mock import mock_snakemake
+from convflat.pipeline.registry import FIGURES, STAGES, VALIDATION_TABLES
 from convflat.study import AXES, expand_studies
-from convflat.workflow import FIGURES, VALIDATION_TABLES, mock_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
@@ -406,7 +407,7 @@ def test_measure_run_exact_measures_see_the_whole_split(tmp_path):
     from convflat.curvature import exact_curvature
     from convflat.data import load_prepared, prepare
     from convflat.models import build_model, save_checkpoint
-    from convflat.workflow import measure_run, measure_sizes
+    from convflat.pipeline.measure import measure_run, measure_sizes
 
     data = prepare("sklearn-digits", root=tmp_path, out=tmp_path / "d.pt", subset=300,
                    download=False)
@@ -460,7 +461,7 @@ def test_invariance_table_has_a_batchnorm_case():
     import torch
 
     from convflat.models import build_model
-    from convflat.workflow import TrainedRun
+    from convflat.pipeline.validation import TrainedRun
 
     torch.manual_seed(0)
     x, y = torch.randn(48, 1, 8, 8), torch.arange(48) % 3
@@ -570,7 +571,7 @@ def test_html_hides_the_code_and_the_overview_answers_first(tmp_path):
     import nbformat
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-    from convflat.workflow import render_html
+    from convflat.pipeline.report import render_html
 
     def cell(src, text, tags):
         return new_code_cell(src, metadata={"tags": tags}, outputs=[
@@ -605,3 +606,130 @@ def test_html_hides_the_code_and_the_overview_answers_first(tmp_path):
     # when it trains the demonstration zoo instead of reading the study's tables)
     assert "print(f\"convflat" not in overview.cells[first["def demo_zoo"]].source
     assert "false_friend_caption(runs" in overview.cells[first["FIGURES.items()"]].source
+
+
+# -------------------------------------------------------------------- convflat.pipeline
+
+
+def test_what_the_snakemake_process_imports_loads_no_torch():
+    """common.smk's imports from the pipeline (registry, notices, the data and train stage
+    modules) and the compatibility module convflat.workflow load neither torch nor pandas;
+    the script plumbing loads no Snakemake either."""
+    code = ("import sys; import convflat.pipeline.registry, convflat.pipeline.notices, "
+            "convflat.pipeline.data, convflat.pipeline.train, convflat.pipeline.script, "
+            "convflat.workflow; "
+            "bad = sorted({'torch', 'pandas', 'snakemake'} & set(sys.modules)); "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = (REPO / "src/convflat/workflow.py").read_text().splitlines()
+    assert len(lines) < 40
+
+
+def test_stages_mirror_the_rule_files():
+    """Each stage of the registry is one rule file defining exactly its rules, and one job
+    module; every rule of the workflow but `all` belongs to one stage."""
+    import importlib.util
+
+    files = {p.stem for p in (REPO / "workflow/rules").glob("*.smk")} - {"common"}
+    assert set(STAGES) == files
+    included = re.findall(r"^include: \"workflow/rules/(\w+)\.smk\"",
+                          (REPO / "Snakefile").read_text(), re.M)
+    assert included == ["common", *STAGES]  # the Snakefile includes them in stage order
+    for stage in STAGES.values():
+        text = (REPO / stage.rule_file).read_text()
+        assert tuple(re.findall(r"^rule (\w+):", text, re.M)) == stage.rules, stage.name
+        assert importlib.util.find_spec(stage.module) is not None, stage.module
+    assert not re.findall(r"^rule (\w+):", (REPO / "workflow/rules/common.smk").read_text(),
+                          re.M)
+
+
+def test_unusable_reason_per_row():
+    """One row at a time, with strings (csv) or typed values (pandas records)."""
+    from convflat.pipeline.notices import unusable_reason
+
+    ok = {"status": "ok", "converged": True, "error": None}
+    assert unusable_reason(ok, require_converged=True) is None
+    assert unusable_reason({**ok, "converged": "True"}, require_converged=True) is None
+    assert unusable_reason({**ok, "converged": "1.0"}, require_converged=True) is None
+    stalled = {"status": "ok", "converged": "False", "stop_reason": "max_epochs",
+               "epochs_run": "7"}
+    assert unusable_reason(stalled, require_converged=False) is None
+    assert (unusable_reason(stalled, require_converged=True)
+            == "not converged (stop reason max_epochs, 7 epochs)")
+    assert (unusable_reason({"status": "diverged", "error": "nan loss"}, require_converged=False)
+            == "status=diverged: nan loss")
+    for empty in ("", "nan", None, float("nan")):
+        assert (unusable_reason({"status": "failed", "error": empty}, require_converged=False)
+                == "status=failed")
+    assert unusable_reason({}, require_converged=False) == "status=<missing>"
+
+
+def _runs_csv(path: Path, run_ids: list[str]) -> Path:
+    import pandas as pd
+
+    rows = [{"run_id": r, "study": "s", "status": "ok", "converged": True,
+             "hp_width": 4 * (k + 1), "hp_seed": 0, "test_error": 0.1} for k, r in
+            enumerate(run_ids)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_flatness_figure_reads_histories_of_the_usable_runs(tmp_path, monkeypatch):
+    """The flatness_over_training figure passes the history of every run that trained
+    (labelled by run id, coloured by the varying axis) and leaves out failed runs and
+    empty histories; the stopping target is the runs' common stop_loss."""
+    import json
+
+    import convflat.analysis
+
+    ids = ["width~4/seed~0", "width~8/seed~0", "width~12/seed~0"]
+    history = [{"epoch": 1, "loss": 0.5, "conv_trace": 2.0, "conv_relative_flatness": 3.0}]
+    records = [{"status": "ok", "history": history, "config": {"stop_loss": 0.01}},
+               {"status": "failed", "history": [], "error": "boom"},
+               {"status": "ok", "history": [], "config": {"stop_loss": 0.01}}]
+    paths = []
+    for run_id, rec in zip(ids, records, strict=True):
+        path = tmp_path / "results/runs/s" / run_id / "train.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(rec))
+        paths.append(str(path))
+    seen = {}
+
+    def fake_plot(histories, out, **kwargs):
+        seen.update(histories=histories, **kwargs)
+        return []
+
+    monkeypatch.setattr(convflat.analysis, "plot_flatness_over_training", fake_plot)
+    inputs = {"runs": str(_runs_csv(tmp_path / "runs.csv", ids)), "records": paths}
+    FIGURES["flatness_over_training"].draw(inputs, tmp_path / "fig", {})
+    assert seen == {"histories": {ids[0]: history}, "hue": {ids[0]: 4}, "hue_name": "width",
+                    "stop_loss": 0.01}
+    inputs["records"] = [str(tmp_path / "other/width~4/seed~0/x/train.json")]
+    Path(inputs["records"][0]).parent.mkdir(parents=True)
+    Path(inputs["records"][0]).write_text(json.dumps(records[0]))
+    with pytest.raises(ValueError, match="is not the record of a run of"):
+        FIGURES["flatness_over_training"].draw(inputs, tmp_path / "fig", {})
+
+
+def test_the_figure_job_writes_the_caption_of_its_figure(tmp_path):
+    """draw_figure writes a computed caption (false_friend: what the runs show) or the
+    fixed one; the report shows the computed file for exactly the figures that have one."""
+    from convflat.analysis.figures import false_friend_caption
+    from convflat.pipeline.analysis import draw_figure
+
+    runs = _sweep(+0.01)
+    csv = tmp_path / "runs.csv"
+    runs.to_csv(csv, index=False)
+    analysis = {"targets": ["test_error"], "require_converged": True}
+    paths = draw_figure("false_friend", {"runs": str(csv)}, tmp_path / "ff", analysis,
+                        caption=tmp_path / "ff.caption.rst")
+    assert [p.name for p in paths] == ["ff.png", "ff.pdf"]
+    assert (tmp_path / "ff.caption.rst").read_text() == false_friend_caption(runs) + "\n"
+    draw_figure("measure_vs_gap", {"runs": str(csv)}, tmp_path / "mg", analysis,
+                caption=tmp_path / "mg.caption.rst")
+    assert (tmp_path / "mg.caption.rst").read_text() == FIGURES["measure_vs_gap"].caption + "\n"
+    assert [n for n, f in FIGURES.items() if f.computed_caption] == ["false_friend"]
+    rst = (REPO / "workflow/report/figure.rst").read_text()
+    assert "{% if snakemake.params.computed_caption %}" in rst and "false_friend" not in rst

@@ -1,6 +1,6 @@
 # Stage 4: a study's runs -> runs table -> correlation tables and figures; the same over all
-# studies pooled ("overall"). Every figure (convflat.workflow.FIGURES) is its own job:
-# naming its file rebuilds it alone.
+# studies pooled ("overall"). Every figure (convflat.pipeline.registry.FIGURES) is its own
+# job: naming its file rebuilds it alone. Job code: convflat.pipeline.analysis.
 
 
 rule collect:
@@ -126,7 +126,7 @@ rule figure:
         ),
         pdf="results/figures/{study}/{figure}.pdf",
         # what the report says under the figure; computed from the runs where the figure
-        # states a finding (false_friend), else the figure's fixed caption
+        # states a finding (its registry entry has explain), else its fixed caption
         caption="results/figures/{study}/{figure}.caption.rst",
     log:
         "results/logs/figure/{study}/{figure}.log",
@@ -143,6 +143,7 @@ rule figure:
     params:
         figure=lambda wildcards: wildcards.figure,
         caption=lambda wildcards: FIGURES[wildcards.figure].caption,
+        computed_caption=lambda wildcards: FIGURES[wildcards.figure].computed_caption,
         analysis=config["analysis"],
         version=code_version("analysis"),
     script:

@@ -1,8 +1,8 @@
 # Config validation, input functions and wildcard constraints shared by the stage files.
 #
 # What a study is (its grid, run ids, prepared files, time estimate) is convflat.study; the
-# figures and validation tables are registries in convflat.workflow. Neither imports torch,
-# so a dry run stays fast.
+# figures and validation tables are registries in convflat.pipeline.registry. Neither
+# imports torch, so a dry run stays fast.
 
 import re
 from pathlib import Path
@@ -22,16 +22,10 @@ from convflat.study import (
     validation_extra_runs,
     validation_run,
 )
-from convflat.workflow import (
-    FIGURES,
-    VALIDATION_TABLES,
-    failed_runs_notice,
-    folder_digest,
-    report_estimate,
-    startup_notice,
-    user_data_path,
-    write_folder_manifest,
-)
+from convflat.pipeline.data import folder_digest, user_data_path, write_folder_manifest
+from convflat.pipeline.notices import failed_runs_notice
+from convflat.pipeline.registry import FIGURES, VALIDATION_TABLES
+from convflat.pipeline.train import report_estimate, startup_notice
 
 # ---------------------------------------------------------------------------- validation
 

@@ -1,7 +1,7 @@
 # Stage 6: notebooks. The template (notebooks/<name>.ipynb) is an input; papermill runs it
 # with the study's files as parameters and the executed copy is the output; nbconvert then
 # renders it to one self-contained HTML file without the code of cells tagged parameters or
-# hide-input (convflat.workflow.render_html). `snakemake --report` gathers everything.
+# hide-input (convflat.pipeline.report.render_html). `snakemake --report` gathers everything.
 
 
 rule overview_notebook:

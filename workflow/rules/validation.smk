@@ -1,4 +1,4 @@
-# Stage 5: tables and a figure that check the method itself (convflat.workflow
+# Stage 5: tables and a figure that check the method itself (convflat.pipeline.registry
 # .VALIDATION_TABLES): exactness against the dense autograd Hessian, invariance under
 # function-preserving rescaling, Hutchinson convergence to the exact trace, and the cost of
 # every measure. Part of the default target.

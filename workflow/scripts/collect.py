@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from convflat.analysis.runs import build_runs_table, write_runs_table
-from convflat.workflow import snakemake_from_argv, start
+from convflat.pipeline.script import snakemake_from_argv, start
 
 
 def main(snakemake):

@@ -8,16 +8,16 @@ A study without one usable run fails the job, with each run's status and error.
 
 from pathlib import Path
 
-from convflat.analysis import combine_runs, correlation_table, read_runs, write_correlation_table
-from convflat.workflow import fail, no_usable_runs_message, snakemake_from_argv, start
+from convflat.analysis import correlation_table, write_correlation_table
+from convflat.pipeline.analysis import read_runs_tables
+from convflat.pipeline.notices import no_usable_runs_message
+from convflat.pipeline.script import fail, snakemake_from_argv, start
 
 
 def main(snakemake):
     log = start(snakemake)
     cfg = snakemake.params.analysis
-    runs_in = snakemake.input.runs
-    paths = [runs_in] if isinstance(runs_in, str) else list(runs_in)
-    runs = read_runs(paths[0]) if len(paths) == 1 else combine_runs(paths)
+    runs = read_runs_tables(snakemake.input.runs)
     problem = no_usable_runs_message(runs.to_dict("records"), snakemake.params.title,
                                      require_converged=cfg["require_converged"])
     if problem:  # the job fails, saying why for every run

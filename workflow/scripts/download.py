@@ -2,9 +2,8 @@
 layout and MD5 checks) and write download.json. Without network, fail with a message that
 says which file to put where; a file put there by hand is verified and used as is."""
 
-import sys
-
-from convflat.workflow import DownloadError, download_source, snakemake_from_argv, start
+from convflat.pipeline.data import DownloadError, download_source
+from convflat.pipeline.script import fail, snakemake_from_argv, start
 
 
 def main(snakemake):
@@ -13,9 +12,7 @@ def main(snakemake):
         download_source(snakemake.wildcards.source, snakemake.params.root,
                         snakemake.output.marker)
     except DownloadError as exc:
-        log.error("%s", exc)
-        print(exc, file=sys.__stderr__)  # on the console, not only in the log
-        sys.exit(1)
+        fail(str(exc), log)  # on the console, not only in the log
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Rule headline: correlation.csv + runs.csv -> headline.md (the study's answer, first)."""
 
 from convflat.analysis import HEADLINE_TARGETS, write_headline
-from convflat.workflow import snakemake_from_argv, start
+from convflat.pipeline.script import snakemake_from_argv, start
 
 
 def main(snakemake):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 
 from convflat.analysis import plot_hutchinson_convergence
-from convflat.workflow import snakemake_from_argv, start
+from convflat.pipeline.script import snakemake_from_argv, start
 
 
 def main(snakemake):

@@ -1,11 +1,12 @@
 """Rule measure: every configured measure of one trained run -> measures.json.
 
-convflat.workflow.measure_run does the work and never raises: a run that diverged or failed
+convflat.pipeline.measure.measure_run does the work and never raises: a run that diverged or failed
 in training, or that cannot be measured, gets a measures.json that says so, and the study
 goes on.
 """
 
-from convflat.workflow import measure_run, snakemake_from_argv, start
+from convflat.pipeline.measure import measure_run
+from convflat.pipeline.script import snakemake_from_argv, start
 
 
 def main(snakemake):

@@ -1,7 +1,7 @@
 """Rule prepare: one dataset (with its label noise) -> data/prepared/<name>.pt."""
 
 from convflat.data import load_prepared, prepare
-from convflat.workflow import snakemake_from_argv, start
+from convflat.pipeline.script import snakemake_from_argv, start
 
 
 def main(snakemake):

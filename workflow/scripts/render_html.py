@@ -1,6 +1,7 @@
 """Rule notebook_html: an executed notebook -> one self-contained HTML file (images inlined)."""
 
-from convflat.workflow import render_html, snakemake_from_argv, start
+from convflat.pipeline.report import render_html
+from convflat.pipeline.script import snakemake_from_argv, start
 
 
 def main(snakemake):

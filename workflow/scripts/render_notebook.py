@@ -1,10 +1,11 @@
 """Rules overview_notebook, validation_notebook: run a papermill template -> executed copy.
 
 The kernel is the Python that runs this script (the workflow's environment); see
-convflat.workflow.run_notebook.
+convflat.pipeline.report.run_notebook.
 """
 
-from convflat.workflow import run_notebook, snakemake_from_argv, start
+from convflat.pipeline.report import run_notebook
+from convflat.pipeline.script import snakemake_from_argv, start
 
 
 def main(snakemake):

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from convflat.analysis import read_runs, write_runs_summary
-from convflat.workflow import snakemake_from_argv, start
+from convflat.pipeline.script import snakemake_from_argv, start
 
 
 def main(snakemake):

@@ -8,8 +8,8 @@ not an output of the rule (Snakemake never deletes it).
 
 from pathlib import Path
 
+from convflat.pipeline.script import snakemake_from_argv, start
 from convflat.train import train_or_record_failure
-from convflat.workflow import snakemake_from_argv, start
 
 
 def main(snakemake):

@@ -1,6 +1,6 @@
 """Rules validation_reference / validation_model: one table that checks the method itself.
 
-The table is built by its entry of convflat.workflow.VALIDATION_TABLES: on small reference
+The table is built by its entry of convflat.pipeline.registry.VALIDATION_TABLES: on small reference
 networks, or on the trained model of config key validation.run (and, for the invariance
 table, validation.invariance.extra_runs) with a seeded random subset of its training data.
 Outputs: <table>.csv and <table>.md.
@@ -9,13 +9,9 @@ Outputs: <table>.csv and <table>.md.
 import time
 
 from convflat.io import resolve_device
-from convflat.workflow import (
-    VALIDATION_TABLES,
-    load_validation_runs,
-    snakemake_from_argv,
-    start,
-    write_table,
-)
+from convflat.pipeline.registry import VALIDATION_TABLES
+from convflat.pipeline.script import snakemake_from_argv, start
+from convflat.pipeline.validation import load_validation_runs, write_table
 
 
 def main(snakemake):

@@ -15,7 +15,9 @@ are left out and counted. A good measure correlates *positively* with the target
   small table per target (:func:`write_headline`).
 * :mod:`convflat.analysis.figures`: seaborn figures (PNG + PDF) for a paper column, among
   them the flatness over training (:func:`plot_flatness_over_training`).
-* :func:`analyse_study`: everything for one study (or the overall table), for the workflow.
+
+The workflow's jobs call these functions (:mod:`convflat.pipeline.analysis` and the figures
+of :data:`convflat.pipeline.registry.FIGURES`).
 """
 
 from convflat.analysis.controls import add_controls
@@ -76,7 +78,6 @@ from convflat.analysis.stats import (
     spearman,
     spread_ratio,
 )
-from convflat.analysis.study import STUDY_FIGURES, STUDY_TABLES, analyse_study
 from convflat.analysis.tables import (
     correlation_latex,
     correlation_markdown,
@@ -93,8 +94,6 @@ __all__ = [
     "HEADLINE_TARGETS",
     "NUISANCE_AXES",
     "OURS",
-    "STUDY_FIGURES",
-    "STUDY_TABLES",
     "BootstrapCI",
     "CMIResult",
     "ConvergenceSummary",
@@ -105,7 +104,6 @@ __all__ = [
     "SpreadRatio",
     "TargetAnswer",
     "add_controls",
-    "analyse_study",
     "axis_columns",
     "axis_groups",
     "bootstrap_kendall",
