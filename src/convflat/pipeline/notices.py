@@ -3,7 +3,8 @@
 The Snakemake process prints :func:`failed_runs_notice` at the end of every run, and the
 correlation job fails with :func:`no_usable_runs_message` when a study has nothing to
 correlate. Both read runs tables as plain records (the csv module: the Snakemake process
-imports no pandas) and ask :func:`unusable_reason` about each row.
+imports no pandas) and ask :func:`convflat.usable.unusable_reason`, the one rule of which runs
+the statistics use, about each row.
 """
 
 from __future__ import annotations
@@ -14,24 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from convflat.usable import unusable_reason
+
 __all__ = ["failed_runs_notice", "no_usable_runs_message", "unusable_reason"]
-
-
-def unusable_reason(row: Mapping[str, Any], *, require_converged: bool) -> str | None:
-    """Why the statistics leave out one row of a runs table (None: they use it): its status
-    is not ok (``status=<status>``, with runs.csv's ``error``), or, with
-    ``require_converged``, it did not reach its stopping criterion (its stop reason and
-    epochs). Values may be strings (csv) or typed (pandas records)."""
-    status = str(row.get("status") or "<missing>")
-    error = row.get("error")
-    if status != "ok":
-        has_error = error is not None and str(error) not in ("", "nan", "None")
-        return f"status={status}" + (f": {error}" if has_error else "")
-    if require_converged and str(row.get("converged")).strip().lower() not in (
-            "true", "1", "1.0"):
-        return (f"not converged (stop reason {row.get('stop_reason')}, "
-                f"{row.get('epochs_run')} epochs)")
-    return None
 
 
 def _unusable_rows(rows: Sequence[Mapping[str, Any]], *, require_converged: bool
