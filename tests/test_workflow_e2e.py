@@ -156,7 +156,11 @@ def test_correlation_tables(study):
     workdir, config, _ = study
     rows = read_csv(workdir / "results/tables/tiny/correlation.csv")
     assert [r["measure"] for r in rows][:2] == ["conv_trace", "conv_relative_flatness"]
-    assert {r["measure"] for r in rows} == set(config["studies"]["tiny"]["measure"]["names"])
+    measures = {r["measure"] for r in rows if r["kind"] != "control"}
+    assert measures == set(config["studies"]["tiny"]["measure"]["names"])
+    # the controls: the grid axes that vary (width, weight decay) and what every run records
+    controls = {r["measure"] for r in rows if r["kind"] == "control"}
+    assert {"control:width", "control:weight_decay"} <= controls
     for target in ("loss_gap", "acc_gap", "test_error"):
         assert f"{target}.tau" in rows[0]
         for r in rows:
