@@ -86,10 +86,46 @@ rule runs_summary:
         "../scripts/runs_summary.py"
 
 
+rule tau_along:
+    input:
+        runs=rules.collect.output.runs,
+        records=study_runs(rules.train.output.record),
+    output:
+        csv="results/tables/{study}/tau_along_training.csv",
+        md=report(
+            "results/tables/{study}/tau_along_training.md",
+            caption="../report/tau_along.rst",
+            category="{study}",
+            subcategory="tables",
+        ),
+        png=report(
+            "results/figures/{study}/tau_along_training.png",
+            caption="../report/tau_along.rst",
+            category="{study}",
+            subcategory="figures",
+        ),
+        pdf="results/figures/{study}/tau_along_training.pdf",
+    log:
+        "results/logs/tau_along/{study}.log",
+    benchmark:
+        "results/benchmarks/tau_along/{study}.tsv"
+    conda:
+        "../../envs/convflat.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("analysis", "mem_mb"),
+        runtime=res("analysis", "runtime"),
+    params:
+        analysis=config["analysis"],
+        run_ids=lambda wildcards: list(RUNS[wildcards.study]),
+        version=code_version("analysis"),
+    script:
+        "../scripts/tau_along.py"
+
+
 rule headline:
     input:
-        correlation=rules.correlation.output.csv,
-        runs=rules.collect.output.runs,
+        unpack(headline_inputs),
     output:
         md=report(
             "results/tables/{study}/headline.md",

@@ -129,6 +129,23 @@ def figure_inputs(wildcards):
     return out
 
 
+def tracks_flatness(study):
+    """Whether the study's runs record the per-epoch flatness that tau_along reads."""
+    return FIGURES["flatness_over_training"].wanted(STUDIES[study])
+
+
+def headline_inputs(wildcards):
+    """The headline's tables: the correlation and runs tables, and the tau along training
+    where the study tracks the flatness per epoch."""
+    out = {
+        "correlation": rules.correlation.output.csv.format(study=wildcards.study),
+        "runs": rules.collect.output.runs.format(study=wildcards.study),
+    }
+    if tracks_flatness(wildcards.study):
+        out["along"] = rules.tau_along.output.csv.format(study=wildcards.study)
+    return out
+
+
 def dataset_config(wildcards):
     """The slice of config a prepared file depends on (its dataset entry, label noise and,
     for a grid's subset axis, its training-set size)."""
@@ -255,6 +272,8 @@ def study_targets(study):
     out = [rules.collect.output.runs.format(study=study)]
     for table in (rules.correlation, rules.runs_summary, rules.headline):
         out += [f.format(study=study) for f in table.output]
+    if tracks_flatness(study):
+        out += [f.format(study=study) for f in rules.tau_along.output]
     for name, fig in FIGURES.items():
         if fig.wanted(STUDIES[study]):
             out += [f.format(study=study, figure=name) for f in rules.figure.output]

@@ -14,7 +14,8 @@ def main(snakemake):
                           targets=targets, title=snakemake.wildcards.study,
                           require_converged=analysis["require_converged"],
                           min_runs=analysis["min_runs"],
-                          noise_z=analysis["sign_error_noise_z"], footer=footer)
+                          noise_z=analysis["sign_error_noise_z"], footer=footer,
+                          along=snakemake.input.get("along"))
     log.info("wrote %s", path)
 
 

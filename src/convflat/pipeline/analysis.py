@@ -12,10 +12,14 @@ from typing import Any
 import pandas as pd
 
 from convflat.analysis import combine_runs, read_runs
+from convflat.analysis.along import write_tau_along_training
+from convflat.analysis.figures import plot_tau_along_training
+from convflat.analysis.headline import HEADLINE_TARGETS
 from convflat.io import atomic_write_text
 from convflat.pipeline.registry import FIGURES
+from convflat.records import read_train_record
 
-__all__ = ["draw_figure", "read_runs_tables"]
+__all__ = ["draw_figure", "read_runs_tables", "tau_along_job"]
 
 
 def read_runs_tables(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> pd.DataFrame:
@@ -37,3 +41,21 @@ def draw_figure(name: str, inputs: Mapping[str, Any], out: str | os.PathLike,
     if caption is not None:
         atomic_write_text(caption, figure.caption_text(inputs, analysis) + "\n")
     return paths
+
+
+def tau_along_job(runs: str | os.PathLike, records: Sequence[str | os.PathLike],
+                  run_ids: Sequence[str], table: str | os.PathLike,
+                  figure: str | os.PathLike, analysis: Mapping[str, Any], *,
+                  title: str | None = None) -> list[Path]:
+    """The tau-along-training job: ``<table>.csv`` / ``.md`` and ``<figure>.png`` / ``.pdf``
+    for the headline targets of ``analysis["targets"]``, from the study's runs table and its
+    runs' ``train.json`` (``records``, in the order of ``run_ids``)."""
+    recs = {str(r): read_train_record(p) for r, p in zip(run_ids, records, strict=True)}
+    targets = [t for t in HEADLINE_TARGETS if t in analysis["targets"]] or \
+        list(analysis["targets"])[:1]
+    tables, _, _ = write_tau_along_training(
+        read_runs(runs), recs, table, targets=targets, n_levels=analysis["along_levels"],
+        n_boot=analysis["n_boot"], seed=analysis["seed"], title=title,
+        require_converged=analysis["require_converged"])
+    paths = [Path(table).with_suffix(".csv"), Path(table).with_suffix(".md")]
+    return paths + plot_tau_along_training(tables, figure)

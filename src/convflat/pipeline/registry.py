@@ -62,7 +62,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "download a torchvision source, prepare every dataset into one tensor file"),
     Stage("train", ("train", "estimate"), "train one run of a study; the time estimate"),
     Stage("measure", ("measure",), "every configured measure of one trained run"),
-    Stage("analysis", ("collect", "correlation", "runs_summary", "headline", "figure",
+    Stage("analysis", ("collect", "correlation", "runs_summary", "tau_along", "headline", "figure",
                        "overall_correlation", "overall_figure"),
           "a study's runs table, correlation tables, headline and figures"),
     Stage("validation", ("validation_reference", "validation_model", "hutchinson_figure"),
