@@ -757,21 +757,7 @@ _NPZ_SPLIT = ("x_train", "y_train", "x_test", "y_test")
 def _load_npz(path: Path, test_fraction: float, seed: int):
     """Read and check a user's ``.npz`` (see :func:`prepare`); every error names the key and
     the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"npz file {path} does not exist")
-    if not zipfile.is_zipfile(path):  # text, a bare .npy, a truncated download, ...
-        raise ValueError(f"{path} is not an .npz file (a zip archive of .npy arrays, as "
-                         "np.savez writes)")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as exc:  # numpy refuses an object array (it would need pickles)
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise ValueError(f"{path}: an array holds Python objects; convflat reads only "
-                             "numeric arrays") from None
-        raise ValueError(f"{path}: cannot read as .npz ({exc})") from exc
-    except Exception as exc:  # a damaged member: zip or format errors
-        raise ValueError(f"{path}: cannot read as .npz ({exc})") from exc
+    arrays = _read_npz_arrays(path)
     keys = set(arrays)
     if set(_NPZ_SPLIT) <= keys:
         kind, img_keys, lab_keys = "given", ("x_train", "x_test"), ("y_train", "y_test")
@@ -821,6 +807,25 @@ def _load_npz(path: Path, test_fraction: float, seed: int):
         return (as_t["x_train"], as_t["y_train"], as_t["x_test"], as_t["y_test"], classes, kind)
     tr, te = _stratified_split(as_t["y"], test_fraction, seed)
     return as_t["x"][tr], as_t["y"][tr], as_t["x"][te], as_t["y"][te], classes, kind
+
+
+def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a user's ``.npz``, or an error in our words naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"npz file {path} does not exist")
+    if not zipfile.is_zipfile(path):  # text, a bare .npy, a truncated download, ...
+        raise ValueError(f"{path} is not an .npz file (a zip archive of .npy arrays, as "
+                         "np.savez writes)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as exc:  # numpy refuses an object array (it would need pickles)
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise ValueError(f"{path}: an array holds Python objects; convflat reads only "
+                             "numeric arrays") from None
+        raise ValueError(f"{path}: cannot read as .npz ({exc})") from exc
+    except Exception as exc:  # a damaged member: zip or format errors
+        raise ValueError(f"{path}: cannot read as .npz ({exc})") from exc
 
 
 def _npz_images(a: np.ndarray, key: str, path: Path) -> np.ndarray:

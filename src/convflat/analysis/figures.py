@@ -44,6 +44,7 @@ from convflat.analysis.runs import (
 from convflat.analysis.stats import kendall_tau
 from convflat.analysis.tables import read_correlation_table, table_targets
 from convflat.io import atomic_write
+from convflat.records import FLATNESS_KEYS as _RECORD_FLATNESS_KEYS
 
 __all__ = [
     "FLATNESS_KEYS",
@@ -717,8 +718,9 @@ def false_friend_caption(runs: pd.DataFrame, *, axis: str = "hp_weight_decay",
 
 # ------------------------------------------------------------ flatness over training
 
-#: The per-epoch flatness keys of a ``train.json`` history that the figure draws.
-FLATNESS_KEYS = ("conv_trace", "conv_relative_flatness")
+#: The per-epoch flatness keys of a ``train.json`` history that the figure draws (their one
+#: definition is :data:`convflat.records.FLATNESS_KEYS`).
+FLATNESS_KEYS = tuple(_RECORD_FLATNESS_KEYS)
 _AUTO_LOSS_KEYS = ("train_loss_eval", "loss")
 
 
@@ -778,6 +780,28 @@ def _finite(v) -> float:
     return f if math.isfinite(f) else float("nan")
 
 
+def _checked_history_keys(runs: Mapping[str, Sequence[Mapping]], measures: Sequence[str],
+                          loss_key: str | None) -> str:
+    """The loss key to draw against (``train_loss_eval`` where every epoch has a finite one,
+    else ``loss``, unless given); raises naming the run and epoch that lacks a key."""
+    if loss_key is None:
+        loss_key = next((k for k in _AUTO_LOSS_KEYS if all(
+            isinstance(e, Mapping) and np.isfinite(_finite(e.get(k)))
+            for h in runs.values() for e in h)), "loss")
+    need = [loss_key, *measures]
+    for label, h in runs.items():
+        for k, entry in enumerate(h):
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"history of run {label!r}: entry {k} is not a dict")
+            missing = [key for key in need if key not in entry]
+            if missing:
+                raise ValueError(
+                    f"history of run {label!r}, epoch {entry.get('epoch', k + 1)}, lacks "
+                    f"key(s) {missing} (has {sorted(map(str, entry))}); the flatness over "
+                    "training needs the per-epoch measures in train.json's history")
+    return loss_key
+
+
 def plot_flatness_over_training(
     histories, out: str | os.PathLike, *, measures: Sequence[str] = FLATNESS_KEYS,
     loss_key: str | None = None, hue: Mapping[str, object] | None = None,
@@ -809,21 +833,7 @@ def plot_flatness_over_training(
     measures = list(measures)
     if not measures:
         raise ValueError("measures must name at least one history key")
-    if loss_key is None:
-        loss_key = next((k for k in _AUTO_LOSS_KEYS if all(
-            isinstance(e, Mapping) and np.isfinite(_finite(e.get(k)))
-            for h in runs.values() for e in h)), "loss")
-    need = [loss_key, *measures]
-    for label, h in runs.items():
-        for k, entry in enumerate(h):
-            if not isinstance(entry, Mapping):
-                raise ValueError(f"history of run {label!r}: entry {k} is not a dict")
-            missing = [key for key in need if key not in entry]
-            if missing:
-                raise ValueError(
-                    f"history of run {label!r}, epoch {entry.get('epoch', k + 1)}, lacks "
-                    f"key(s) {missing} (has {sorted(map(str, entry))}); the flatness over "
-                    "training needs the per-epoch measures in train.json's history")
+    loss_key = _checked_history_keys(runs, measures, loss_key)
     if hue is not None:
         absent = [label for label in runs if label not in hue]
         if absent:

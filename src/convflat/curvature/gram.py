@@ -182,9 +182,10 @@ class _PhaseGram:
     3 x 3. No library forms a patch Gram this way, hence the hand-written shifts.
     """
 
-    def __init__(self, kernel, stride, dilation, pads_tl, H: int, W: int, Ho: int, Wo: int,
-                 pad_first: tuple | None = None):
+    def __init__(self, kernel, stride, dilation, pads_tl, in_hw: tuple[int, int],
+                 out_hw: tuple[int, int], pad_first: tuple | None = None):
         (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+        (H, W), (Ho, Wo) = in_hw, out_hw
         top, left = pads_tl
         self.Ho, self.Wo = Ho, Wo
         self.pad_first = pad_first  # (pads, mode) applied to X by prepare(), or None

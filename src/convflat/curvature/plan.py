@@ -198,8 +198,8 @@ class _Plan:
                 tl = (top, left)
             else:
                 H, W, tl = H + top + bottom, W + left + right, (0, 0)
-            phases = _PhaseGram(conv.kernel_size, conv.stride, conv.dilation, tl, H, W, Ho, Wo,
-                                pad_first)
+            phases = _PhaseGram(conv.kernel_size, conv.stride, conv.dilation, tl, (H, W),
+                                (Ho, Wo), pad_first)
             gathered = _GatheredGram(self, Ho * Wo)
             c_in = conv.in_channels
             use = {"phases": True, "patches": False}.get(
