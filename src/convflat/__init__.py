@@ -6,7 +6,8 @@ flatness of arXiv 2603.09016, with the baselines and the statistics that judge t
 
 __version__ = "0.1.0"
 
-__all__ = ["CurvatureResult", "__version__", "exact_curvature", "find_head"]
+__all__ = ["CurvatureResult", "FlatnessCallback", "__version__", "exact_curvature",
+           "find_head"]
 
 
 def __getattr__(name: str):
@@ -15,4 +16,12 @@ def __getattr__(name: str):
         from convflat import curvature
 
         return getattr(curvature, name)
+    if name == "FlatnessCallback":
+        from convflat.callbacks import FlatnessCallback
+
+        return FlatnessCallback
+    if name == "FlatnessLightningCallback":  # needs the optional extra `lightning`
+        from convflat.lightning import FlatnessLightningCallback
+
+        return FlatnessLightningCallback
     raise AttributeError(f"module 'convflat' has no attribute {name!r}")
