@@ -151,23 +151,23 @@ def test_each_documented_subcommand_answers_help(sub):
 
 
 def test_readme_digits_curvature_command_runs(tmp_path, capsys):
-    """The README's curvature command on sklearn digits, for real, with the run's checkpoint
-    replaced by a tiny one and the output put in tmp_path."""
-    import torch
-
+    """The README's curvature command on a run of the quick study, for real, with the run
+    replaced by a tiny one trained here and the output put in tmp_path: without --data it
+    measures the run's own images (the checkpoint's data identity)."""
     from convflat.cli import main
-    from convflat.models import build_model, save_checkpoint
+    from convflat.data import prepare
+    from convflat.train import TrainConfig, train
 
     cmd = next(c for w, c in CONVFLAT if w.startswith("README") and "curvature" in c
-               and "sklearn-digits" in c)
+               and "results/runs/digits" in c)
     args = shlex.split(cmd)[1:]
-    torch.manual_seed(0)
-    ckpt = tmp_path / "model.pt"
-    save_checkpoint(ckpt, build_model({"family": "gapcnn", "width": 4, "depth": 2,
-                                       "in_channels": 1, "num_classes": 10}))
-    args[args.index("--checkpoint") + 1] = str(ckpt)
+    data = prepare("sklearn-digits", root=tmp_path / "data", subset=120, download=False)
+    train({"family": "gapcnn", "width": 4, "depth": 2, "batchnorm": False}, data,
+          TrainConfig(epochs=1, batch_size=60, lr=0.05, device="cpu", track_flatness=0),
+          tmp_path / "run")
+    args[args.index("--checkpoint") + 1] = str(tmp_path / "run" / "model.pt")
     args[args.index("--out") + 1] = str(tmp_path / Path(args[args.index("--out") + 1]).name)
-    assert main([*args, "--root", str(tmp_path), "--no-download"]) == 0
+    assert main(args) == 0
     assert (tmp_path / "curv.json").is_file() and "trace=" in capsys.readouterr().out
 
 
