@@ -5,6 +5,7 @@
 # imports torch, so a dry run stays fast.
 
 import re
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -25,6 +26,7 @@ from convflat.study import (
 from convflat.pipeline.data import folder_digest, user_data_path, write_folder_manifest
 from convflat.pipeline.notices import failed_runs_notice
 from convflat.pipeline.registry import FIGURES, VALIDATION_TABLES
+from convflat.pipeline.report import building_a_report, landing_summary
 from convflat.pipeline.train import report_estimate, startup_notice
 
 # ---------------------------------------------------------------------------- validation
@@ -331,12 +333,14 @@ def startup_message():
 
 def failed_runs_message():
     """At the end of a run (successful or not), in the main Snakemake process: name every
-    study whose runs table has runs that failed or diverged, so that "100% done" is never
-    the only word on a study without results."""
+    study whose runs table has runs that failed, diverged or did not converge, so that
+    "100% done" is never the only word on a study without results."""
     if workflow.remote_exec or workflow.subprocess_exec:
         return
     tables = {s: rules.collect.output.runs.format(study=s) for s in STUDIES}
-    notice = failed_runs_notice(tables)
+    notice = failed_runs_notice(
+        tables, require_converged=config["analysis"]["require_converged"]
+    )
     if notice is not None:
         logger.warning(notice)
 

@@ -93,3 +93,64 @@ rule notebook_html:
         runtime=res("notebook", "runtime"),
     script:
         "../scripts/render_html.py"
+
+
+# ------------------------------------------------------------- snakemake --report
+#
+# Snakemake puts in the report every file flagged report(...) among the inputs and outputs
+# of the jobs that make the targets, and refuses to build it when one of them does not
+# exist. Building the report (and only then), a flagged path is flagged only when its file
+# exists: every flagged input and output pattern of every rule is given the class
+# ReportIfExists below, which drops the flag from a job's file (apply_wildcards) or a
+# formatted target (format) that is missing. The landing page then lists what is missing.
+
+
+def report_only_what_exists():
+    """Make every report-flagged pattern of every rule flag only files that exist, and
+    return the landing page's summary (convflat.pipeline.report.landing_summary)."""
+    from snakemake.io import _IOFile
+
+    class ReportIfExists(_IOFile):
+        __slots__ = ()
+
+        def apply_wildcards(self, wildcards):
+            return _unflag_if_missing(super().apply_wildcards(wildcards))
+
+        def format(self, *args, **kwargs):
+            return _unflag_if_missing(super().format(*args, **kwargs))
+
+    for rule in workflow.rules:
+        for item in [*rule.input, *rule.output]:
+            if type(item) is _IOFile and item.is_flagged("report"):
+                item.__class__ = ReportIfExists
+    studies = {
+        s: {
+            "headline": rules.headline.output.md.format(study=s),
+            "runs": rules.collect.output.runs.format(study=s),
+        }
+        for s in STUDIES
+    }
+    return landing_summary(
+        studies,
+        all_targets(),
+        require_converged=config["analysis"]["require_converged"],
+    )
+
+
+def _unflag_if_missing(path):
+    flags = getattr(path, "flags", None)
+    if flags and "report" in flags and not Path(str(path)).exists():
+        del flags["report"]
+    return path
+
+
+if building_a_report(sys.argv):
+    # what the landing page (workflow/report/workflow.rst) opens with
+    config["report_landing"] = report_only_what_exists()
+    if config["report_landing"]["missing"]:
+        missing = config["report_landing"]["missing"]
+        logger.warning(
+            f"convflat: {len(missing)} file(s) of the workflow do not exist and are left "
+            "out of the report (its landing page lists them):\n"
+            + "\n".join(f"    {m}" for m in missing)
+        )

@@ -1,8 +1,9 @@
 """What the workflow says about runs that the statistics cannot use.
 
-The Snakemake process prints :func:`failed_runs_notice` at the end of every run, and the
-correlation job fails with :func:`no_usable_runs_message` when a study has nothing to
-correlate. Both read runs tables as plain records (the csv module: the Snakemake process
+The Snakemake process prints :func:`failed_runs_notice` at the end of every run (failed,
+diverged and not-converged runs, per study), and the correlation and study figure jobs fail
+with :func:`no_usable_runs_message` when a study has nothing to correlate, whichever of them
+runs first. Both read runs tables as plain records (the csv module: the Snakemake process
 imports no pandas) and ask :func:`convflat.usable.unusable_reason`, the one rule of which runs
 the statistics use, about each row.
 """
@@ -17,7 +18,14 @@ from typing import Any
 
 from convflat.usable import unusable_reason
 
-__all__ = ["failed_runs_notice", "no_usable_runs_message", "unusable_reason"]
+__all__ = ["failed_runs_notice", "no_usable_runs_message", "read_runs_rows",
+           "unusable_reason"]
+
+
+def read_runs_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a runs table (``runs.csv``) as plain records, without pandas."""
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _unusable_rows(rows: Sequence[Mapping[str, Any]], *, require_converged: bool
@@ -50,36 +58,67 @@ def no_usable_runs_message(rows: Sequence[Mapping[str, Any]], what: str, *,
     return "\n".join(lines)
 
 
-def failed_runs_notice(tables: Mapping[str, str | os.PathLike]) -> str | None:
+def failed_runs_notice(tables: Mapping[str, str | os.PathLike], *,
+                       require_converged: bool = True) -> str | None:
     """What to say at the end of a Snakemake run about studies with runs that are not
     usable: for each study (``tables``: study -> its runs.csv; missing files are skipped)
-    the count of runs that failed or diverged, by status, with a few of their errors; None
-    when every run of every table is ok."""
+    the count of runs that failed, diverged or did not converge, by reason, with a few of
+    their errors; None when every run of every table is usable and converged.
+
+    With ``require_converged`` (the config's ``analysis.require_converged``) a run that did
+    not converge is left out of the statistics like a failed one; without it the run is
+    used, and the notice still names it, on a line of its own."""
     parts = []
     for study, path in tables.items():
         path = Path(path)
         if not path.is_file():
             continue
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        bad = _unusable_rows(rows, require_converged=False)
-        if bad:
-            parts.append(_study_notice(study, path, len(rows), bad))
+        rows = read_runs_rows(path)
+        bad = _unusable_rows(rows, require_converged=require_converged)
+        unconverged = [] if require_converged else [
+            (label, why) for label, why in _unusable_rows(rows, require_converged=True)
+            if why.startswith("not converged")]
+        if bad or unconverged:
+            parts.append(_study_notice(study, path, rows, bad, unconverged))
     if not parts:
         return None
-    return "convflat: some runs failed; their studies' tables leave them out:\n" + "\n".join(
-        parts)
+    return ("convflat: some runs are not usable (failed, diverged or not converged); the "
+            "statistics leave them out:\n" + "\n".join(parts))
 
 
-def _study_notice(study: str, path: Path, n_rows: int, bad: list[tuple[str, str]]) -> str:
-    """The lines of :func:`failed_runs_notice` for one study."""
-    counts: dict[str, int] = {}
-    for _, why in bad:
-        status = why.split(":", 1)[0]
-        counts[status] = counts.get(status, 0) + 1
-    head = (f"study {study}: {len(bad)} of {n_rows} runs not usable ("
-            + ", ".join(f"{k}: {v}" for k, v in counts.items()) + f"); see {path}")
-    if len(bad) == n_rows:
-        head += " -- every run failed: this study has no result"
-    return "\n".join([head] + [f"    {run}: {why}" for run, why in bad[:5]]
-                     + ([f"    ... and {len(bad) - 5} more"] if len(bad) > 5 else []))
+def _listed(runs: list[tuple[str, str]]) -> list[str]:
+    """The first five (run, why) pairs as indented lines, then how many more."""
+    return ([f"    {run}: {why}" for run, why in runs[:5]]
+            + ([f"    ... and {len(runs) - 5} more"] if len(runs) > 5 else []))
+
+
+def _study_notice(study: str, path: Path, rows: list[dict[str, Any]],
+                  bad: list[tuple[str, str]], unconverged: list[tuple[str, str]]) -> str:
+    """The lines of :func:`failed_runs_notice` for one study: its unusable runs counted by
+    :func:`convflat.usable.unusable_category`, then the not-converged runs it still uses."""
+    lines = []
+    if bad:
+        counts: dict[str, int] = {}
+        for _, why in bad:
+            category = _category(why)
+            counts[category] = counts.get(category, 0) + 1
+        head = (f"study {study}: {len(bad)} of {len(rows)} runs not usable ("
+                + ", ".join(f"{k}: {v}" for k, v in counts.items()) + f"); see {path}")
+        if len(bad) == len(rows):
+            head += " -- no run is usable: this study has no result"
+        lines += [head, *_listed(bad)]
+    if unconverged:
+        head = (f"study {study}: {len(unconverged)} of {len(rows)} runs did not converge "
+                "(used all the same: analysis.require_converged is false)"
+                + ("" if bad else f"; see {path}"))
+        lines += [head, *_listed(unconverged)]
+    return "\n".join(lines)
+
+
+def _category(why: str) -> str:
+    """The count key of an :func:`unusable_reason` text: ``status=<status>``, ``diverged``,
+    ``training loss not finite`` or ``not converged``."""
+    for key in ("training loss not finite", "not converged", "diverged"):
+        if why.startswith(key):
+            return key
+    return why.split(":", 1)[0].split(" (", 1)[0]
