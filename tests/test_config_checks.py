@@ -325,7 +325,35 @@ def test_failed_runs_notice_names_the_studies(tmp_path):
     assert f"study b: 1 of 2 runs not usable (status=failed: 1); see {some}" in text
     assert "    x~2: status=failed: boom" in text
     assert "study c: 2 of 2 runs not usable (status=failed: 2)" in text
-    assert "every run failed: this study has no result" in text
+    assert "no run is usable: this study has no result" in text
+
+
+def test_failed_runs_notice_names_not_converged_and_diverged_runs(tmp_path):
+    """The end-of-run notice counts every reason convflat.usable gives, not-converged runs
+    included: left out with analysis.require_converged, named on their own line without."""
+    rows = _rows(("x~1", "ok", True, ""), ("x~2", "ok", False, ""), ("x~3", "ok", False, ""),
+                 ("x~4", "failed", False, "boom"))
+    for row in rows:
+        row.update(train_loss=0.5, initial_loss=2.3)
+    rows[2].update(train_loss=7e18)  # above its initial loss: diverged, whatever converged says
+    path = _write_csv(tmp_path / "s/runs.csv", rows)
+    text = failed_runs_notice({"s": path}, require_converged=True)
+    assert text.startswith("convflat: some runs are not usable (failed, diverged or not "
+                           "converged)")
+    assert (f"study s: 3 of 4 runs not usable (not converged: 1, diverged: 1, "
+            f"status=failed: 1); see {path}") in text
+    assert "    x~2: not converged (stop reason max_epochs, 3 epochs)" in text
+    assert "    x~3: diverged: final training loss 7e+18 is not below the initial loss 2.3" \
+        in text
+    loose = failed_runs_notice({"s": path}, require_converged=False)
+    assert "study s: 2 of 4 runs not usable (diverged: 1, status=failed: 1)" in loose
+    assert ("study s: 1 of 4 runs did not converge (used all the same: "
+            "analysis.require_converged is false)") in loose
+    assert "    x~2: not converged" in loose
+    # a study whose every run is usable but one did not converge is named too
+    only = _write_csv(tmp_path / "t/runs.csv", rows[:2])
+    assert failed_runs_notice({"t": only}, require_converged=True).count("x~2: not conv") == 1
+    assert failed_runs_notice({"t": _write_csv(tmp_path / "u/runs.csv", rows[:1])}) is None
 
 
 def _load_script(name: str):
@@ -378,7 +406,7 @@ def test_a_run_with_failed_runs_says_so_at_the_end(tmp_path):
          str(REPO / "config/test.yaml")], capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
-    assert "convflat: some runs failed" in text, text[-3000:]
+    assert "convflat: some runs are not usable" in text, text[-3000:]
     assert "study tiny: 1 of 2 runs not usable (status=failed: 1)" in text
     assert "width~4/wd~0: status=failed: RuntimeError: out of memory" in text
 

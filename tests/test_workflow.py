@@ -733,3 +733,155 @@ def test_the_figure_job_writes_the_caption_of_its_figure(tmp_path):
     assert [n for n, f in FIGURES.items() if f.computed_caption] == ["false_friend"]
     rst = (REPO / "workflow/report/figure.rst").read_text()
     assert "{% if snakemake.params.computed_caption %}" in rst and "false_friend" not in rst
+
+
+# ---------------------------------------------------------------------- partial studies
+
+
+def test_the_figure_job_fails_like_the_correlation_job_without_a_usable_run(tmp_path,
+                                                                             capfd):
+    """A study whose runs all stopped short of their loss target: the study figure job,
+    which may run before the correlation job, ends with the same one-line-per-run message
+    (exit 1, no traceback) and draws nothing; with require_converged off it draws."""
+    import importlib.util
+    import types
+
+    import pandas as pd
+
+    runs = _sweep(+0.01)
+    runs["converged"] = False
+    runs["stop_reason"] = "max_epochs"
+    runs["epochs_run"] = 40
+    csv = tmp_path / "runs.csv"
+    runs.to_csv(csv, index=False)
+    spec = importlib.util.spec_from_file_location("figure_script",
+                                                  REPO / "workflow/scripts/figure.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def job(require_converged):
+        params = {"figure": "measure_vs_gap", "version": "v",
+                  "analysis": {"targets": ["test_error"],
+                               "require_converged": require_converged}}
+        return types.SimpleNamespace(
+            input={"runs": str(csv)}, output={"png": str(tmp_path / "mg.png")},
+            params=types.SimpleNamespace(**params, get=params.get),
+            log=[str(tmp_path / "figure.log")], threads=1, rule="figure",
+            wildcards={"study": "tiny", "figure": "measure_vs_gap"})
+
+    class Output(dict):  # the figure job reads output.png and output.get("caption")
+        __getattr__ = dict.__getitem__
+
+    sm = job(True)
+    sm.input, sm.output = Output(sm.input), Output(sm.output)
+    with pytest.raises(SystemExit) as exit_:
+        script.main(sm)
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    assert exit_.value.code == 1
+    err = capfd.readouterr().err
+    first = runs["run_id"].iloc[0]
+    assert err.startswith(f"tiny: no usable run ({len(runs)} run(s), none with status ok and "
+                          "converged), so there is nothing to correlate.")
+    assert f"  {first}: not converged (stop reason max_epochs, 40 epochs)" in err
+    assert "Traceback" not in err and not (tmp_path / "mg.png").exists()
+    sm = job(False)
+    sm.input, sm.output = Output(sm.input), Output(sm.output)
+    script.main(sm)
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    assert (tmp_path / "mg.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(pd.read_csv(csv)) == len(runs)
+
+
+def test_rendering_a_notebook_prints_no_tcp_warning(tmp_path, capfd):
+    """run_notebook starts its kernel over IPC sockets: the kernel's "running over TCP
+    without encryption" warning (three times per notebook before) is not printed, and
+    the notebook still runs with its parameters."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from convflat.pipeline.report import run_notebook
+
+    nb = new_notebook(cells=[new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                             new_code_cell("print(x * 2)")],
+                      metadata={"kernelspec": {"name": "python3", "language": "python",
+                                               "display_name": "Python 3"}})
+    nbformat.write(nb, tmp_path / "t.ipynb")
+    run_notebook(tmp_path / "t.ipynb", tmp_path / "out.ipynb", {"x": 21}, timeout=120)
+    captured = capfd.readouterr()
+    assert "without encryption" not in captured.out + captured.err
+    done = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert done.cells[-1].outputs[0]["text"] == "42\n"
+
+
+def test_report_landing_summary_says_each_verdict_and_what_is_missing(tmp_path):
+    """The landing page's data: a study's verdict is the first paragraph of its headline;
+    a study without one says why (no usable run, with the count; or no runs table); the
+    missing list is exactly the targets that do not exist."""
+    from convflat.pipeline.report import building_a_report, landing_summary
+
+    done = tmp_path / "a/headline.md"
+    done.parent.mkdir()
+    done.write_text("# a\n\n**Supported.** conv_trace ranks the loss gap\nbest (tau 0.61).\n\n"
+                    "## loss gap\n\n| table |\n")
+    runs_b = tmp_path / "b/runs.csv"
+    runs_b.parent.mkdir()
+    runs_b.write_text("run_id,study,status,converged,stop_reason,epochs_run\n"
+                      "w~4,b,ok,False,max_epochs,3\nw~8,b,failed,False,,\n")
+    targets = [done, runs_b, tmp_path / "a/figure.png", tmp_path / "b/headline.md"]
+    got = landing_summary(
+        {"a": {"headline": done, "runs": tmp_path / "a/runs.csv"},
+         "b": {"headline": tmp_path / "b/headline.md", "runs": runs_b},
+         "c": {"headline": tmp_path / "c/headline.md", "runs": tmp_path / "c/runs.csv"}},
+        targets, require_converged=True)
+    assert got["verdicts"][0] == {
+        "study": "a", "text": "**Supported.** conv_trace ranks the loss gap best (tau 0.61)."}
+    assert got["verdicts"][1] == {
+        "study": "b", "text": "no result: no usable run (2 run(s), none with status ok and "
+                              f"converged); see {runs_b}"}
+    assert got["verdicts"][2]["text"].startswith("no result yet: its runs table")
+    assert got["missing"] == sorted([str(tmp_path / "a/figure.png"),
+                                     str(tmp_path / "b/headline.md")])
+    assert building_a_report(["snakemake", "--report", "r.html"])
+    assert building_a_report(["snakemake", "--report=r.html"])
+    assert not building_a_report(["snakemake", "--cores", "2", "--report-after-run"])
+    wf = (REPO / "workflow/report/workflow.rst").read_text()
+    assert wf.index("landing.verdicts") < wf.index("**convflat**")  # the answer first
+
+
+def test_validation_notebook_opens_with_its_answer():
+    """validation_answer: the worst relative error over every architecture and quantity
+    (a hand-made table: the maximum is known), and whether each invariance held; the
+    template shows it before any table."""
+    import nbformat
+
+    from convflat.pipeline.report import validation_answer
+
+    exact = [{"architecture": "relu", "rel_err_trace": 1e-15, "rel_err_blocks": 4e-14,
+              "rel_err_kappa": 2e-16},
+             {"architecture": "silu+bn", "rel_err_trace": 3e-13, "rel_err_blocks": 5e-15,
+              "rel_err_kappa": float("nan")}]
+    held = [{"measure": "conv_trace", "theory": "changes", "changed": "True",
+             "agrees": "True"},
+            {"measure": "conv_relative_flatness", "theory": "invariant", "changed": "False",
+             "agrees": "True"},
+            {"measure": "sharpness", "theory": "nearly invariant", "changed": "True",
+             "agrees": float("nan")}]
+    text = validation_answer(exact, held)
+    assert ("worst relative error of **3e-13** (trace, silu+bn) over 2 architecture(s); "
+            "per quantity: trace 3e-13, block traces 4e-14, relative flatness 2e-16.") in text
+    assert "1 architecture(s) have no error value" in text
+    assert "**Invariance: every check held**: all 2 measure(s)" in text
+    assert "1 row(s) are not judged" in text
+    broken = [*held, {"measure": "frobenius_norm", "theory": "invariant", "changed": True,
+                      "agrees": False, "model": "tiny/w~4"}]
+    text = validation_answer(exact, broken)
+    assert ("**Invariance: 1 of 3 check(s) did not hold**: frobenius_norm (tiny/w~4): "
+            "theory invariant, changed True.") in text
+    nb = nbformat.read(REPO / "notebooks/validation.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[0].metadata["tags"] == ["parameters"]
+    answer = next(i for i, c in enumerate(nb.cells) if "validation_answer(" in c.source)
+    first_table = next(i for i, c in enumerate(nb.cells) if c.source.startswith("## 1."))
+    assert answer < first_table
+    # nothing before the answer prints (the kernel line moved to the end)
+    assert all("print(" not in c.source for c in nb.cells[:answer])

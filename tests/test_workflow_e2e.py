@@ -147,7 +147,7 @@ def test_failed_run_is_recorded_and_counted(study):
     assert "status=failed: 1" in md
     # and the end of the run says so on the console (common.smk onsuccess)
     _, _, text = study
-    assert "convflat: some runs failed" in text
+    assert "convflat: some runs are not usable" in text
     assert "study broken: 1 of 2 runs not usable (status=failed: 1)" in text
     assert f"{FAILING_RUN}: status=failed: " in text
 
