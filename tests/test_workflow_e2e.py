@@ -253,6 +253,62 @@ def test_report(study):
     assert "false_friend.png" in text and "correlation.csv" in text
 
 
+def test_report_after_deleting_a_notebook_lists_it(study, tmp_path):
+    """`snakemake --report` on a finished run with one notebook deleted: the report is built
+    from what exists, and both the console and the landing page name the missing file."""
+    workdir, _, _ = study
+    gone = workdir / "results/notebooks/tiny/overview.html"
+    aside = tmp_path / "overview.html"
+    gone.rename(aside)
+    try:
+        proc, text = run_snakemake(workdir, "--configfile", str(workdir / "config.yaml"),
+                                   "--report", "results/partial_report.html")
+    finally:
+        aside.rename(gone)
+    assert proc.returncode == 0, text[-4000:]
+    assert "marked for report but does not exist" not in text
+    assert ("convflat: 1 file(s) of the workflow do not exist and are left out of the report"
+            in text) and "    results/notebooks/tiny/overview.html" in text
+    html = (workdir / "results/partial_report.html").read_text(errors="replace")
+    assert "Missing from this report" in html and "results/notebooks/tiny/overview.html" in html
+    assert "The answer, per study" in html and "Insufficient evidence." in html
+    assert "false_friend.png" in html and "validation.html" in html  # the rest is there
+
+
+def test_study_without_a_converged_run_says_so_first_and_is_reported(tmp_path):
+    """A study in which no run reaches its loss target (and require_converged): the first
+    error on the console is the one-line-per-run "no usable run" message, whichever analysis
+    job fails first; the end-of-run notice names the not-converged runs; `--report` still
+    builds, its landing page saying why the study has no result."""
+    config = yaml.safe_load((REPO / "config/test.yaml").read_text())
+    spec = config["studies"]["tiny"]
+    spec["train"].update(epochs=2, stop_loss=1e-9)  # unreachable in two epochs
+    spec["grid"] = {"width": [4], "weight_decay": [0.0, 0.01]}
+    spec["measure"] = {"names": ["conv_trace"], "n_samples": 64}
+    config["analysis"]["require_converged"] = True
+    config["validation"] = {"enabled": False}
+    config["notebooks"] = {"enabled": False}
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config, sort_keys=False))
+    proc, text = run_snakemake(tmp_path, "--cores", "1", "--configfile", str(configfile))
+    assert proc.returncode != 0, text[-4000:]
+    clear = "tiny: no usable run (2 run(s), none with status ok and converged)"
+    assert clear in text, text[-4000:]
+    assert text.index(clear) < text.index("Error in rule"), text[-4000:]
+    assert "width~4/wd~0: not converged (stop reason" in text
+    assert "Traceback" not in text[:text.index("Error in rule")]
+    notice = text[text.index("convflat: some runs are not usable"):]
+    assert "study tiny: 2 of 2 runs not usable (not converged: 2)" in notice
+    report, rtext = run_snakemake(tmp_path, "--configfile", str(configfile),
+                                  "--report", "results/report.html")
+    assert report.returncode == 0, rtext[-4000:]
+    html = (tmp_path / "results/report.html").read_text(errors="replace")
+    assert ("no result: no usable run (2 run(s), none with status ok and converged)"
+            in html)
+    assert "results/tables/tiny/correlation.csv" in html  # listed as missing
+    assert "runs.csv" in html  # what exists is in the report
+
+
 def test_killed_training_resumes(tmp_path):
     """Kill Snakemake and its job (SIGKILL, as a power loss would) midway through training;
     after `--unlock`, the rerun resumes from the run's checkpoint instead of starting again."""

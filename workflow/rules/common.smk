@@ -328,6 +328,60 @@ def startup_message():
         getattr(logger, notice[0])(notice[1])
 
 
+# ------------------------------------------------------------------ snakemake --report
+#
+# Snakemake puts in the report every file flagged report(...) among the inputs and outputs
+# of the jobs that make the targets, and refuses to build it when one of them does not
+# exist. Building the report (and only then; report.smk calls report_only_what_exists once
+# all rules are defined), a path is flagged only when its file exists. Every flagged input
+# and output pattern of every rule gets the class ReportIfExists, which drops the flag
+# from a job's file (apply_wildcards) or a formatted target (format) that is missing. The
+# landing page (workflow/report/workflow.rst) then lists what is missing.
+
+
+def report_only_what_exists():
+    """Make every report-flagged pattern of every rule flag only files that exist, and
+    return the landing page's summary (convflat.pipeline.report.landing_summary).
+    ReportIfExists subclasses Snakemake's path class snakemake.io._IOFile (9.x); the
+    end-to-end test builds a report after deleting a file to check it still works."""
+    from snakemake.io import _IOFile
+
+    class ReportIfExists(_IOFile):
+        __slots__ = ()
+
+        def apply_wildcards(self, wildcards):
+            return _unflag_if_missing(super().apply_wildcards(wildcards))
+
+        def format(self, *args, **kwargs):
+            return _unflag_if_missing(super().format(*args, **kwargs))
+
+    for each in workflow.rules:
+        for item in [*each.input, *each.output]:
+            if type(item) is _IOFile and item.is_flagged("report"):
+                item.__class__ = ReportIfExists
+    studies = {
+        s: {
+            "headline": rules.headline.output.md.format(study=s),
+            "runs": rules.collect.output.runs.format(study=s),
+        }
+        for s in STUDIES
+    }
+    return landing_summary(
+        studies,
+        all_targets(),
+        require_converged=config["analysis"]["require_converged"],
+    )
+
+
+def _unflag_if_missing(path):
+    """``path`` (a job's file or a formatted pattern) without its report flag when the file
+    does not exist."""
+    flags = getattr(path, "flags", None)
+    if flags and "report" in flags and not Path(str(path)).exists():
+        del flags["report"]
+    return path
+
+
 # ------------------------------------------------------------------------- end of a run
 
 

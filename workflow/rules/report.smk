@@ -95,55 +95,8 @@ rule notebook_html:
         "../scripts/render_html.py"
 
 
-# ------------------------------------------------------------- snakemake --report
-#
-# Snakemake puts in the report every file flagged report(...) among the inputs and outputs
-# of the jobs that make the targets, and refuses to build it when one of them does not
-# exist. Building the report (and only then), a flagged path is flagged only when its file
-# exists: every flagged input and output pattern of every rule is given the class
-# ReportIfExists below, which drops the flag from a job's file (apply_wildcards) or a
-# formatted target (format) that is missing. The landing page then lists what is missing.
-
-
-def report_only_what_exists():
-    """Make every report-flagged pattern of every rule flag only files that exist, and
-    return the landing page's summary (convflat.pipeline.report.landing_summary)."""
-    from snakemake.io import _IOFile
-
-    class ReportIfExists(_IOFile):
-        __slots__ = ()
-
-        def apply_wildcards(self, wildcards):
-            return _unflag_if_missing(super().apply_wildcards(wildcards))
-
-        def format(self, *args, **kwargs):
-            return _unflag_if_missing(super().format(*args, **kwargs))
-
-    for rule in workflow.rules:
-        for item in [*rule.input, *rule.output]:
-            if type(item) is _IOFile and item.is_flagged("report"):
-                item.__class__ = ReportIfExists
-    studies = {
-        s: {
-            "headline": rules.headline.output.md.format(study=s),
-            "runs": rules.collect.output.runs.format(study=s),
-        }
-        for s in STUDIES
-    }
-    return landing_summary(
-        studies,
-        all_targets(),
-        require_converged=config["analysis"]["require_converged"],
-    )
-
-
-def _unflag_if_missing(path):
-    flags = getattr(path, "flags", None)
-    if flags and "report" in flags and not Path(str(path)).exists():
-        del flags["report"]
-    return path
-
-
+# snakemake --report: only the files that exist, and the landing page's summary (built here,
+# once every rule exists; see report_only_what_exists in common.smk)
 if building_a_report(sys.argv):
     # what the landing page (workflow/report/workflow.rst) opens with
     config["report_landing"] = report_only_what_exists()
