@@ -134,8 +134,10 @@ def render_html(notebook: str | os.PathLike, html: str | os.PathLike) -> int:
 
 def building_a_report(argv: Sequence[str]) -> bool:
     """Whether the Snakemake command line ``argv`` builds the HTML report (``--report
-    [FILE]``) instead of running jobs."""
-    return any(a == "--report" or a.startswith("--report=") for a in argv)
+    [FILE]``) instead of running jobs; not with ``--report-after-run``, whose jobs have yet
+    to make the files (and whose report is built only when every job succeeded)."""
+    return "--report-after-run" not in argv and any(
+        a == "--report" or a.startswith("--report=") for a in argv)
 
 
 def study_verdict(headline: str | os.PathLike) -> str:
