@@ -95,8 +95,7 @@ def unusable_reason(row: Mapping[str, Any], *, require_converged: bool = True) -
         error = row.get("error")
         has_error = error is not None and str(error) not in ("", "nan", "None")
         stop = row.get("stop_reason")
-        if category == "status=diverged" and stop not in (None, "", "diverged") \
-                and str(stop) != "nan":
+        if category == "status=diverged" and str(stop).startswith("diverged_"):
             category += f" ({stop})"  # which rule stopped it: diverged_factor, ...
         return category + (f": {error}" if has_error else "")
     if category == CATEGORIES[1]:

@@ -7,11 +7,18 @@ correlated with the final generalization gap; convflat.pipeline.analysis does th
 from pathlib import Path
 
 from convflat.pipeline.analysis import tau_along_job
-from convflat.pipeline.script import snakemake_from_argv, start
+from convflat.pipeline.notices import no_usable_runs_message, read_runs_rows
+from convflat.pipeline.script import fail, snakemake_from_argv, start
 
 
 def main(snakemake):
     log = start(snakemake)
+    problem = no_usable_runs_message(read_runs_rows(snakemake.input.runs),
+                                     snakemake.wildcards.study,
+                                     require_converged=snakemake.params.analysis[
+                                         "require_converged"])
+    if problem:  # the same clear message as the correlation job, whichever runs first
+        fail(problem, log)
     paths = tau_along_job(snakemake.input.runs, list(snakemake.input.records),
                           snakemake.params.run_ids, Path(snakemake.output.csv).with_suffix(""),
                           Path(snakemake.output.png).with_suffix(""), snakemake.params.analysis,

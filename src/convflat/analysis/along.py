@@ -41,8 +41,8 @@ from convflat.analysis.paired import paired_tau_difference
 from convflat.analysis.runs import OURS, numeric_column
 from convflat.analysis.stats import bootstrap_kendall, kendall_tau
 
-__all__ = ["LOSS_KEYS", "LossLevels", "along_markdown", "along_sentence", "loss_levels",
-           "subset_note", "tau_along_training", "tracked_keys", "values_at_levels",
+__all__ = ["LOSS_KEYS", "LossLevels", "TooFewRuns", "along_markdown", "along_sentence",
+           "loss_levels", "subset_note", "tau_along_training", "tracked_keys", "values_at_levels",
            "write_tau_along_training"]
 
 #: The per-epoch loss a history is read by, first present wins.
@@ -264,6 +264,10 @@ def along_markdown(tables: Mapping[str, pd.DataFrame], levels: LossLevels, *,
     return "\n".join(out).rstrip() + "\n"
 
 
+class TooFewRuns(ValueError):
+    """A study with fewer than two usable runs that have a history: no correlation."""
+
+
 def subset_note(records: Sequence[Mapping]) -> str:
     """Where the tracked values come from, against the end-of-training measures: the
     tracker reads a seeded subset of the training images (``flatness_tracking.n_samples``),
@@ -305,8 +309,8 @@ def write_tau_along_training(runs: pd.DataFrame, records: Mapping[str, Mapping],
             if str(r) in records}
     hist = {r: h for r, h in hist.items() if h}
     if len(hist) < 2:
-        raise ValueError(f"tau along training needs >= 2 usable runs with a history, got "
-                         f"{len(hist)}")
+        raise TooFewRuns(f"tau along training needs >= 2 usable runs with a history; this "
+                         f"study has {len(hist)}")
     goal = pd.to_numeric(use.get("loss_target"), errors="coerce") \
         if "loss_target" in use.columns else pd.Series(dtype=float)
     target_loss = float(goal.min()) if goal.notna().any() else None

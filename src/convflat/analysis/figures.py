@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ __all__ = [
     "false_friend_caption",
     "figure_paths",
     "load_histories",
+    "placeholder_figure",
     "plot_false_friend",
     "plot_flatness_over_training",
     "plot_hutchinson_convergence",
@@ -421,6 +423,18 @@ def plot_sign_error(
             ax.set_title(f"{t}: sign error per family (pairs)")
             if k == 0:
                 _bold_ours_ticks(ax.get_yticklabels())
+        return _save(fig, out, dpi)
+
+
+def placeholder_figure(out: str | os.PathLike, message: str, *, dpi: int = 150) -> list[Path]:
+    """A figure that only says why there is nothing to draw (a study with too few runs), so
+    that a rule's outputs exist and the rest of the study is still reported."""
+    with _style():
+        fig = Figure(figsize=PANEL, layout="constrained")
+        ax = fig.subplots()
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "\n".join(textwrap.wrap(message, 40)), ha="center", va="center",
+                fontsize=7)
         return _save(fig, out, dpi)
 
 

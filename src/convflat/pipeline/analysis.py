@@ -12,8 +12,8 @@ from typing import Any
 import pandas as pd
 
 from convflat.analysis import combine_runs, read_runs
-from convflat.analysis.along import write_tau_along_training
-from convflat.analysis.figures import plot_tau_along_training
+from convflat.analysis.along import TooFewRuns, write_tau_along_training
+from convflat.analysis.figures import placeholder_figure, plot_tau_along_training
 from convflat.analysis.headline import HEADLINE_TARGETS
 from convflat.io import atomic_write_text
 from convflat.pipeline.registry import FIGURES
@@ -53,9 +53,15 @@ def tau_along_job(runs: str | os.PathLike, records: Sequence[str | os.PathLike],
     recs = {str(r): read_train_record(p) for r, p in zip(run_ids, records, strict=True)}
     targets = [t for t in HEADLINE_TARGETS if t in analysis["targets"]] or \
         list(analysis["targets"])[:1]
-    tables, _, _ = write_tau_along_training(
-        read_runs(runs), recs, table, targets=targets, n_levels=analysis["along_levels"],
-        n_boot=analysis["n_boot"], seed=analysis["seed"], title=title,
-        require_converged=analysis["require_converged"])
     paths = [Path(table).with_suffix(".csv"), Path(table).with_suffix(".md")]
+    try:
+        tables, _, _ = write_tau_along_training(
+            read_runs(runs), recs, table, targets=targets, n_levels=analysis["along_levels"],
+            n_boot=analysis["n_boot"], seed=analysis["seed"], title=title,
+            require_converged=analysis["require_converged"])
+    except TooFewRuns as exc:  # the outputs say so: the rest of the study is still drawn
+        atomic_write_text(paths[0], "target,loss_level,level_index,measure,ours,tau,tau_lo,"
+                                    "tau_hi,n,n_missing,best_baseline,diff,diff_lo,diff_hi\n")
+        atomic_write_text(paths[1], f"# {title or 'Kendall τ along training'}\n\n{exc}.\n")
+        return paths + placeholder_figure(figure, f"{exc}")
     return paths + plot_tau_along_training(tables, figure)
