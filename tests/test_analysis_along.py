@@ -126,3 +126,13 @@ def test_write_from_records_with_the_subset_note(tmp_path):
     assert set(csv["target"]) == {"loss_gap", "acc_gap"} and len(csv) == 2 * 5 * 2
     assert "in 4 of 8 runs it is smaller than the training split (1024 of 1437" in note
     assert note in (tmp_path / "tau_along_training.md").read_text()
+
+
+def test_sentence_when_the_last_level_predicts_best():
+    table = pd.DataFrame({
+        "loss_level": [1.0, 0.01], "level_index": [0, 1], "measure": "conv_trace",
+        "ours": True, "tau": [0.2, 0.6], "tau_lo": [0.0, 0.4], "tau_hi": [0.4, 0.8],
+        "n": 10, "best_baseline": "", "diff": np.nan, "diff_lo": np.nan, "diff_hi": np.nan})
+    assert along_sentence(table, "loss gap") == (
+        "Along training, conv_trace predicts the loss gap best at the last level, training "
+        "loss 0.01 (τ = 0.60 [0.40, 0.80], 10 runs): no earlier level predicts better.")

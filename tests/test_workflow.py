@@ -538,7 +538,8 @@ def test_false_friend_caption_says_what_the_data_show():
         f"Weight decay 0.03 raises the test error: 8.2 % (3 runs) against 5.2 % at 0 (3 runs), "
         f"a difference of +3.0 points (95% CI [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}], "
         "Welch t interval across seeds)."), text
-    assert ("the nets at 0.03 trained 300-302 epochs, those at 0 15-17, so the effect is of "
+    assert ("Training length is confounded with weight decay: the nets at 0.03 trained 300-302 "
+            "epochs (median 301), those at 0 15-17 (median 16), so the effect is of "
             "weight decay and of longer training together") in text
     # the trace falls with weight decay: the better nets (weight decay 0) are sharper
     assert "Hessian trace of the whole network (Hutchinson) goes from 101 to 26" in text

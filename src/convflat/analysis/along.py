@@ -220,10 +220,16 @@ def along_sentence(table: pd.DataFrame, target: str) -> str:
     best = ours.loc[ours["tau"].idxmax()]
     end = ours[(ours["measure"] == best["measure"]) & (ours["level_index"] == last)]
     end_tau = float(end["tau"].iloc[0]) if len(end) else float("nan")
-    text = (f"Along training, {best['measure']} predicts the {target} best at training loss "
-            f"{best['loss_level']:.3g} (τ = {_fmt(best['tau'])} [{_fmt(best['tau_lo'])}, "
-            f"{_fmt(best['tau_hi'])}], {int(best['n'])} runs), against τ = {_fmt(end_tau)} at "
-            f"the last level ({table.loc[table['level_index'] == last, 'loss_level'].iloc[0]:.3g})")
+    ci = f"[{_fmt(best['tau_lo'])}, {_fmt(best['tau_hi'])}], {int(best['n'])} runs"
+    end_loss = table.loc[table["level_index"] == last, "loss_level"].iloc[0]
+    if best["level_index"] == last or best["tau"] <= end_tau:
+        text = (f"Along training, {best['measure']} predicts the {target} best at the last "
+                f"level, training loss {end_loss:.3g} (τ = {_fmt(best['tau'])} {ci}): no "
+                "earlier level predicts better")
+    else:
+        text = (f"Along training, {best['measure']} predicts the {target} best at training "
+                f"loss {best['loss_level']:.3g} (τ = {_fmt(best['tau'])} {ci}), against "
+                f"τ = {_fmt(end_tau)} at the last level ({end_loss:.3g})")
     if best["best_baseline"] and np.isfinite(best["diff"]):
         verdict = ("ahead of" if best["diff_lo"] > 0 else "behind" if best["diff_hi"] < 0
                    else "level with")

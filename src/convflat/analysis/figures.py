@@ -664,11 +664,14 @@ def _ff_epochs(use: pd.DataFrame, axis: str, lo_wd: float, hi_wd: float) -> str:
     lo, hi = _ff_levels(use, axis, "epochs_run")
     if not (lo.size and hi.size):
         return ""
-    text = (f"Training length is confounded with weight decay: the nets at {hi_wd:g} trained "
-            f"{hi.min():.0f}-{hi.max():.0f} epochs, those at {lo_wd:g} {lo.min():.0f}-"
-            f"{lo.max():.0f}")
+    med_hi, med_lo = float(np.median(hi)), float(np.median(lo))
+    longer = med_hi > 2 * med_lo or med_lo > 2 * med_hi
+    text = (f"{'Training length is confounded with weight decay: t' if longer else 'T'}he "
+            f"nets at {hi_wd:g} trained {hi.min():.0f}-{hi.max():.0f} epochs (median "
+            f"{med_hi:.0f}), those at {lo_wd:g} {lo.min():.0f}-{lo.max():.0f} (median "
+            f"{med_lo:.0f})")
     return text + (", so the effect is of weight decay and of longer training together."
-                   if hi.min() > 2 * lo.max() or lo.min() > 2 * hi.max() else ".")
+                   if longer else ".")
 
 
 def _ff_measure(use: pd.DataFrame, axis: str, col: str, err_dir: int, level: float) -> str:

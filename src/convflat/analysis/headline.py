@@ -279,10 +279,17 @@ def _num(v: float, digits: int) -> str:
     return f"{(0.0 if r == 0 else r):.{digits}f}"
 
 
+def _end(v: float, digits: int) -> str:
+    """An interval's end: a negative one that rounds to 0 keeps its sign (-0.00), so an
+    interval that excludes 0 never reads as if it reached it."""
+    text = _num(v, digits)
+    return "-" + text if v < 0 and text == _num(0.0, digits) else text
+
+
 def _ci(lo: float, hi: float, digits: int) -> str:
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return ""
-    return f" [{_num(lo, digits)}, {_num(hi, digits)}]"
+    return f" [{_end(lo, digits)}, {_end(hi, digits)}]"
 
 
 def _diff_cell(d: PairedDifference, digits: int, words: bool) -> str:
