@@ -557,7 +557,7 @@ def test_false_friend_caption_says_what_the_data_show():
     flat = _sweep(0.0)
     flat["test_error"] = [0.05, 0.06, 0.055] * 4
     noisy = false_friend_caption(flat)
-    assert "does not change beyond seed noise" in noisy
+    assert "does not change the test error beyond seed noise" in noisy
     assert "the sweep cannot separate the effect from seed noise" in noisy
     # the registry caption no longer asserts a direction; the report includes the computed one
     assert "improves" not in FIGURES["false_friend"].caption

@@ -717,8 +717,9 @@ def false_friend_caption(runs: pd.DataFrame, *, axis: str = "hp_weight_decay",
     lo, hi = _ff_levels(use, axis, "test_error")
     diff, a, b = _welch(hi, lo, level)
     err_dir = _direction(a, b)
-    verb = {1: "raises", -1: "lowers", 0: "does not change beyond seed noise"}[err_dir]
-    text = [f"Weight decay {hi_wd:g} {verb} the test error: {_pct(np.mean(hi))} ({hi.size} "
+    verb = {1: "raises the test error", -1: "lowers the test error",
+            0: "does not change the test error beyond seed noise"}[err_dir]
+    text = [f"Weight decay {hi_wd:g} {verb}: {_pct(np.mean(hi))} ({hi.size} "
             f"runs) against {_pct(np.mean(lo))} at {lo_wd:g} ({lo.size} runs), a difference of "
             f"{100 * diff:+.1f} points ("
             + (f"{level:.0%} CI [{100 * a:+.1f}, {100 * b:+.1f}], Welch t interval across seeds)"
