@@ -200,7 +200,7 @@ def provenance(
     *, device: str | torch.device | None = None, seed: int | None = None,
     seconds: float | None = None, status: str = "ok",
 ) -> dict[str, Any]:
-    """The fields every JSON artifact carries (DESIGN.md, section 2)."""
+    """The fields every JSON artifact carries (docs/internal-api.md, floor 0)."""
     import torch
 
     import convflat
