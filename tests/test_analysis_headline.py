@@ -61,7 +61,10 @@ def test_rows_rank_measures_by_signed_tau_and_list_controls_after():
     controls = rows[rows["kind"] == "control"]
     assert set(controls["measure"]) == {"control:train_loss", "control:epochs_run",
                                         "control:width", "control:depth"}
-    assert (controls["rank"] == 0).all() and rows.index[-1] >= len(measures)
+    assert (controls["rank"] == 0).all()
+    assert rows["kind"].tolist() == ["ours" if m in ("conv_trace", "conv_relative_flatness")
+                                     else "baseline" for m in measures["measure"]] + [
+        "control"] * len(controls)  # every control after every measure
 
 
 def test_verdict_follows_the_paired_interval_not_the_marginal_overlap():

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from convflat.analysis.paired import paired_tau_difference
-from convflat.analysis.runs import OURS, numeric_column
+from convflat.analysis.runs import OURS, finite_or_nan, numeric_column
 from convflat.analysis.stats import bootstrap_kendall, kendall_tau
 
 __all__ = ["LOSS_KEYS", "LossLevels", "TooFewRuns", "along_markdown", "along_sentence",
@@ -51,20 +51,12 @@ _NOT_MEASURES = {"epoch", "lr", "lr_end", "loss", "acc", "train_loss_eval", "tra
                  "seconds"}
 
 
-def _number(v) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-    return f if math.isfinite(f) else float("nan")
-
-
 def _losses(history: Sequence[Mapping]) -> np.ndarray:
     key = next((k for k in LOSS_KEYS if any(k in e and e[k] is not None for e in history)),
                None)
     if key is None:
         raise ValueError(f"history has none of the loss keys {LOSS_KEYS}")
-    return np.array([_number(e.get(key)) for e in history])
+    return np.array([finite_or_nan(e.get(key)) for e in history])
 
 
 def tracked_keys(histories: Mapping[str, Sequence[Mapping]]) -> list[str]:
@@ -72,7 +64,7 @@ def tracked_keys(histories: Mapping[str, Sequence[Mapping]]) -> list[str]:
     common = None
     for h in histories.values():
         keys = {k for e in h for k, v in e.items()
-                if k not in _NOT_MEASURES and np.isfinite(_number(v))}
+                if k not in _NOT_MEASURES and np.isfinite(finite_or_nan(v))}
         common = keys if common is None else common & keys
     keys = sorted(common or ())
     ours = [k for k in (o[2:] for o in OURS) if k in keys]
@@ -131,7 +123,7 @@ def values_at_levels(history: Sequence[Mapping], key: str, levels: Sequence[floa
                      ) -> np.ndarray:
     """``key`` of one history read at each training-loss level (NaN where not reached)."""
     loss = _losses(history)
-    values = np.array([_number(e.get(key)) for e in history])
+    values = np.array([finite_or_nan(e.get(key)) for e in history])
     has = np.nonzero(np.isfinite(values))[0]
     out = np.full(len(levels), np.nan)
     for j, level in enumerate(levels):
@@ -177,9 +169,12 @@ def tau_along_training(runs: pd.DataFrame, histories: Mapping[str, Sequence[Mapp
     gap = numeric_column(runs, target)
     hist = [histories[str(r)] for r in runs["run_id"]]
     keys = tracked_keys({str(r): h for r, h in zip(runs["run_id"], hist, strict=True)})
+    # each run's history is read once per measure, at every level together: (keys, runs, levels)
+    read = {k: np.array([values_at_levels(h, k, levels.levels) for h in hist]).reshape(
+        len(hist), len(levels.levels)) for k in keys}
     rows = []
     for j, lv in enumerate(levels.levels):
-        at = pd.DataFrame({k: [values_at_levels(h, k, [lv])[0] for h in hist] for k in keys})
+        at = pd.DataFrame({k: read[k][:, j] for k in keys})
         at["_gap"] = gap
         level_rows = []
         for k in keys:

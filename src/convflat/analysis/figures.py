@@ -35,6 +35,7 @@ from matplotlib.lines import Line2D
 from convflat.analysis.controls import is_control
 from convflat.analysis.runs import (
     axis_columns,
+    finite_or_nan,
     is_ours,
     measure_columns,
     numeric_column,
@@ -790,21 +791,13 @@ def _histories(histories) -> dict[str, Sequence[Mapping]]:
     return out
 
 
-def _finite(v) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-    return f if math.isfinite(f) else float("nan")
-
-
 def _checked_history_keys(runs: Mapping[str, Sequence[Mapping]], measures: Sequence[str],
                           loss_key: str | None) -> str:
     """The loss key to draw against (``train_loss_eval`` where every epoch has a finite one,
     else ``loss``, unless given); raises naming the run and epoch that lacks a key."""
     if loss_key is None:
         loss_key = next((k for k in _AUTO_LOSS_KEYS if all(
-            isinstance(e, Mapping) and np.isfinite(_finite(e.get(k)))
+            isinstance(e, Mapping) and np.isfinite(finite_or_nan(e.get(k)))
             for h in runs.values() for e in h)), "loss")
     need = [loss_key, *measures]
     for label, h in runs.items():
@@ -859,8 +852,8 @@ def plot_flatness_over_training(
         levels = list(dict.fromkeys(_value_label(v) for v in _sorted_levels(
             pd.Series([hue[label] for label in runs], dtype=object))))
         palette = dict(zip(levels, sns.color_palette("viridis", len(levels)), strict=True))
-    data = {label: (np.array([_finite(e[loss_key]) for e in h]),
-                    {m: np.array([_finite(e[m]) for e in h]) for m in measures})
+    data = {label: (np.array([finite_or_nan(e[loss_key]) for e in h]),
+                    {m: np.array([finite_or_nan(e[m]) for e in h]) for m in measures})
             for label, h in runs.items()}
     if not any(np.sum(np.isfinite(x) & np.isfinite(ys[m])) >= 2
                for x, ys in data.values() for m in measures):

@@ -319,9 +319,9 @@ _INTERVAL = {"wins": "lies above 0", "ties": "contains 0", "loses": "lies below 
 def _tally(a: TargetAnswer, ours: str) -> str:
     """How our measure fares against every baseline, by the paired tau intervals."""
     counts = {"wins": 0, "ties": 0, "loses": 0}
+    kind = dict(zip(a.rows["measure"], a.rows["kind"], strict=True))
     for (o, other), (d, _) in a.paired.items():
-        kind = a.rows.set_index("measure").loc[other, "kind"]
-        if o == ours and kind == "baseline" and d.verdict in counts:
+        if o == ours and kind[other] == "baseline" and d.verdict in counts:
             counts[d.verdict] += 1
     return (f"against all {sum(counts.values())} baselines it is better than "
             f"{counts['wins']}, tied with {counts['ties']} and worse than {counts['loses']}")
@@ -479,14 +479,14 @@ def _evidence(runs: pd.DataFrame, answers, s: HeadlineSettings) -> list[str]:
 
 
 def _settings_from(table: pd.DataFrame, s: HeadlineSettings | None, **kw) -> HeadlineSettings:
+    if s is not None:
+        return s
     base = {}
     for key in ("n_boot", "level", "seed", "variant"):
         v = table.attrs.get(key, table[key].iloc[0] if key in table.columns and len(table)
                             else None)
         if v is not None and not (isinstance(v, float) and np.isnan(v)):
             base[key] = type(getattr(HeadlineSettings, key))(v)
-    if s is not None:
-        return s
     return HeadlineSettings(**{**base, **kw})
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from convflat.analysis.runs import NUISANCE_AXES, axis_columns, numeric_column, short_name
-from convflat.analysis.stats import _config_columns
+from convflat.analysis.stats import config_groups, pooled_within_sd
 
 __all__ = ["OneAxisPairs", "one_axis_pairs", "sign_error_table"]
 
@@ -63,20 +63,6 @@ def _hp_key(runs: pd.DataFrame) -> list[str]:
     return cols
 
 
-def _seed_sd(runs: pd.DataFrame, g: np.ndarray) -> float:
-    """Pooled within-configuration sd of ``g`` (as in
-    :func:`~convflat.analysis.stats.spread_ratio`); NaN without a replicated configuration."""
-    cols = _config_columns(runs)
-    keep = np.isfinite(g)
-    parts = (runs.loc[keep].groupby(cols, dropna=False, sort=False).indices.values()
-             if cols else [np.arange(int(keep.sum()))])
-    y = g[keep]
-    dof = sum(len(p) - 1 for p in parts)
-    if dof <= 0:
-        return float("nan")
-    return float(np.sqrt(sum(((y[p] - y[p].mean()) ** 2).sum() for p in parts) / dof))
-
-
 def one_axis_pairs(runs: pd.DataFrame, target: str, *, noise_z: float = 1.0) -> OneAxisPairs:
     """Pairs of ``runs`` (already the usable ones) that differ in exactly one non-seed
     hyperparameter, their target difference beyond ``noise_z * sqrt(2) * s`` (see the
@@ -85,7 +71,8 @@ def one_axis_pairs(runs: pd.DataFrame, target: str, *, noise_z: float = 1.0) -> 
     g = numeric_column(runs, target)
     cols = _hp_key(runs)
     values = runs[cols].astype("string").fillna("<NA>").to_numpy()
-    s = _seed_sd(runs, g)
+    finite = np.isfinite(g)  # the seed sd of the target, as spread_ratio pools it
+    s, _ = pooled_within_sd(g[finite], config_groups(runs.loc[finite].reset_index(drop=True)))
     threshold = noise_z * np.sqrt(2.0) * s if np.isfinite(s) else float("nan")
     note = (f"pairs kept when |Δ{target}| > {noise_z:g} × √2 × seed sd ({s:.3g})"
             if np.isfinite(s) else

@@ -16,6 +16,7 @@ per trained run. Columns are recognised by name:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,16 @@ def numeric_column(df: pd.DataFrame, column: str) -> np.ndarray:
         ) from None
     values[~np.isfinite(values)] = np.nan
     return values
+
+
+def finite_or_nan(value: Any) -> float:
+    """``value`` as a float, NaN when it is missing, unparseable or not finite (a history
+    entry of train.json that was not measured that epoch)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+    return f if math.isfinite(f) else float("nan")
 
 
 def _as_bool(series: pd.Series, column: str) -> np.ndarray:

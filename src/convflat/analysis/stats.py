@@ -669,6 +669,26 @@ def _config_columns(runs: pd.DataFrame) -> list[str]:
     return cols
 
 
+def config_groups(runs: pd.DataFrame) -> list[np.ndarray]:
+    """Row positions of each configuration of ``runs``: the runs that differ only in the
+    seed (:func:`_config_columns`); one group when no other axis exists."""
+    axes = _config_columns(runs)
+    if axes:
+        return [np.asarray(p) for p in runs.groupby(axes, dropna=False, sort=False)
+                .indices.values()]
+    return [np.arange(len(runs))] if len(runs) else []
+
+
+def pooled_within_sd(y: np.ndarray, parts: Sequence[np.ndarray]) -> tuple[float, int]:
+    """Pooled within-group sd of ``y`` over the groups ``parts`` (positions into ``y``)
+    and its degrees of freedom sum(n_c - 1); NaN when no group has >= 2 values."""
+    dof = int(sum(len(p) - 1 for p in parts))
+    if dof <= 0:
+        return float("nan"), dof
+    ss = float(sum(((y[p] - y[p].mean()) ** 2).sum() for p in parts))
+    return float(np.sqrt(ss / dof)), dof
+
+
 def spread_ratio(runs: pd.DataFrame, *, target: str = "loss_gap",
                  require_converged: bool = True) -> SpreadRatio:
     r"""How much more a target varies across configurations than across seeds.
@@ -702,25 +722,17 @@ def spread_ratio(runs: pd.DataFrame, *, target: str = "loss_gap",
     keep = np.isfinite(y)
     use, y = use.loc[keep].reset_index(drop=True), y[keep]
     axes = _config_columns(use)
-    if axes:
-        parts = [np.asarray(p) for p in use.groupby(axes, dropna=False, sort=False)
-                 .indices.values()]
-    else:
-        parts = [np.arange(len(use))] if len(use) else []
+    parts = config_groups(use)
     means = np.array([y[p].mean() for p in parts])
     sizes = np.array([p.size for p in parts])
-    ss = float(sum(((y[p] - y[p].mean()) ** 2).sum() for p in parts))
-    dof = int((sizes - 1).sum())
+    within, dof = pooled_within_sd(y, parts)
     notes = []
     if len(parts) >= 2:
         between = float(np.std(means, ddof=1))
     else:
         between = float("nan")
         notes.append(f"{len(parts)} configuration(s): the between-configuration sd needs >= 2")
-    if dof > 0:
-        within = float(np.sqrt(ss / dof))
-    else:
-        within = float("nan")
+    if dof <= 0:
         notes.append("no configuration has >= 2 runs (seeds): the within-configuration sd "
                      "is undefined")
     if np.isfinite(between) and np.isfinite(within):
