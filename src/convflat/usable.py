@@ -26,14 +26,17 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CATEGORIES", "as_bool", "unusable_category", "unusable_reason"]
+__all__ = ["CATEGORIES", "FALSE_WORDS", "TRUE_WORDS", "as_bool", "unusable_category",
+           "unusable_reason"]
 
 #: The reasons a run is left out, as counted in the headline and the runs summary. A bad
 #: status is counted as ``status=<status>``.
 CATEGORIES = ("training loss not finite", "diverged (final loss >= initial loss)",
               "not converged")
 
-_TRUE = {"true", "1", "yes", "y", "t", "1.0"}
+#: How a true and a false flag are written by pandas or by hand (runs.csv's ``converged``).
+TRUE_WORDS = frozenset({"true", "1", "yes", "y", "t", "1.0"})
+FALSE_WORDS = frozenset({"false", "0", "no", "n", "f", "0.0", ""})
 
 
 def as_bool(value: Any) -> bool:
@@ -43,7 +46,7 @@ def as_bool(value: Any) -> bool:
         return value
     if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
         return value == 1
-    return str(value).strip().lower() in _TRUE if value is not None else False
+    return str(value).strip().lower() in TRUE_WORDS if value is not None else False
 
 
 def _number(value: Any) -> float | None:

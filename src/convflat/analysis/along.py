@@ -41,7 +41,7 @@ from convflat.analysis.paired import paired_tau_difference
 from convflat.analysis.runs import OURS, finite_or_nan, numeric_column
 from convflat.analysis.stats import bootstrap_kendall, kendall_tau
 
-__all__ = ["LOSS_KEYS", "LossLevels", "TooFewRuns", "along_markdown", "along_sentence",
+__all__ = ["COLUMNS", "LOSS_KEYS", "LossLevels", "TooFewRuns", "along_markdown", "along_sentence",
            "loss_levels", "subset_note", "tau_along_training", "tracked_keys", "values_at_levels",
            "write_tau_along_training"]
 
@@ -188,6 +188,12 @@ def tau_along_training(runs: pd.DataFrame, histories: Mapping[str, Sequence[Mapp
     return pd.DataFrame(rows)
 
 
+#: The columns of tau_along_training.csv (``target`` first, then a row of
+#: :func:`tau_along_training`).
+COLUMNS = ("target", "loss_level", "level_index", "measure", "ours", "tau", "tau_lo", "tau_hi",
+           "n", "n_missing", "best_baseline", "diff", "diff_lo", "diff_hi")
+
+
 def _paired_at_level(rows: list[dict], at: pd.DataFrame, **kw) -> None:
     """Add the best baseline at this level and our paired difference against it."""
     base = [r for r in rows if not r["ours"] and np.isfinite(r["tau"])]
@@ -320,7 +326,8 @@ def write_tau_along_training(runs: pd.DataFrame, records: Mapping[str, Mapping],
               for t in targets}
     note = subset_note([records[r] for r in hist])
     prefix = Path(prefix)
-    frame = pd.concat([tb.assign(target=t) for t, tb in tables.items()], ignore_index=True)
+    frame = pd.concat([tb.assign(target=t) for t, tb in tables.items()],
+                      ignore_index=True)[list(COLUMNS)]
     atomic_write_text(prefix.with_suffix(".csv"), frame.to_csv(index=False, float_format="%.10g"))
     atomic_write_text(prefix.with_suffix(".md"), along_markdown(tables, levels, title=title,
                                                                 note=note))

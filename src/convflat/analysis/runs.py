@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from convflat.io import METRICS, atomic_write_text
-from convflat.usable import CATEGORIES, unusable_category
+from convflat.usable import CATEGORIES, FALSE_WORDS, TRUE_WORDS, unusable_category
 
 MEASURE_PREFIX = "m_"
 AXIS_PREFIX = "hp_"
@@ -35,8 +35,6 @@ OURS: tuple[str, ...] = ("m_conv_trace", "m_conv_relative_flatness")
 DEFAULT_TARGETS: tuple[str, ...] = ("loss_gap", "acc_gap", "test_error")
 NUISANCE_AXES: tuple[str, ...] = ("hp_seed",)
 
-_TRUE = {"true", "1", "yes", "y", "t", "1.0"}
-_FALSE = {"false", "0", "no", "n", "f", "0.0", ""}
 
 
 def measure_columns(runs: pd.DataFrame) -> list[str]:
@@ -118,8 +116,8 @@ def _as_bool(series: pd.Series, column: str) -> np.ndarray:
         numeric01 = isinstance(v, (int, float, np.integer, np.floating)) and v in (0, 1)
         if isinstance(v, (bool, np.bool_)) or numeric01:
             out[k] = bool(v)
-        elif isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
-            out[k] = v.strip().lower() in _TRUE
+        elif isinstance(v, str) and v.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+            out[k] = v.strip().lower() in TRUE_WORDS
         else:
             raise ValueError(f"column {column!r} must be boolean; found {v!r} in row {k}")
     return out

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from convflat.analysis import combine_runs, read_runs
-from convflat.analysis.along import TooFewRuns, write_tau_along_training
+from convflat.analysis.along import COLUMNS, TooFewRuns, write_tau_along_training
 from convflat.analysis.figures import placeholder_figure, plot_tau_along_training
 from convflat.analysis.headline import HEADLINE_TARGETS
 from convflat.io import atomic_write_text
@@ -60,8 +60,7 @@ def tau_along_job(runs: str | os.PathLike, records: Sequence[str | os.PathLike],
             n_boot=analysis["n_boot"], seed=analysis["seed"], title=title,
             require_converged=analysis["require_converged"])
     except TooFewRuns as exc:  # the outputs say so: the rest of the study is still drawn
-        atomic_write_text(paths[0], "target,loss_level,level_index,measure,ours,tau,tau_lo,"
-                                    "tau_hi,n,n_missing,best_baseline,diff,diff_lo,diff_hi\n")
+        atomic_write_text(paths[0], ",".join(COLUMNS) + "\n")
         atomic_write_text(paths[1], f"# {title or 'Kendall τ along training'}\n\n{exc}.\n")
         return paths + placeholder_figure(figure, f"{exc}")
     return paths + plot_tau_along_training(tables, figure)
