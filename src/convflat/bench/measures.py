@@ -197,56 +197,37 @@ def _train_quick(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
         return float((model(x).argmax(1) == y).float().mean())
 
 
+#: The long PAC-Bayes search each spread row is compared with.
+_PACBAYES_LONG = {"mc_samples": 512, "tol": 0.001, "depth": 20}
+
+
+def _pacbayes_row(**params) -> dict:
+    """A spread row of pacbayes_flatness with ``params``; its long run uses the same
+    BatchNorm convention."""
+    extra = {"folded_bn": params["folded_bn"]} if "folded_bn" in params else {}
+    return {"measure": "pacbayes_flatness", "params": params,
+            "long": [{**_PACBAYES_LONG, **extra}], "key": "sigma"}
+
+
 #: per stochastic measure: its default-parameter overrides for the table (none: the
 #: registered defaults), and the long run(s) it is compared with; the long-run value is the
 #: largest over the listed runs for the ascents (each is a lower bound on the maximum), the
 #: value of the single run otherwise. "exact" means the entry's own exact reference.
 _SPREAD: dict[str, dict] = {
-    "pacbayes_flatness": {"long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
-                          "key": "sigma"},
-    "pacbayes_flatness@64": {"measure": "pacbayes_flatness", "params": {"mc_samples": 64},
-                             "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
-                             "key": "sigma"},
-    "pacbayes_flatness@128": {"measure": "pacbayes_flatness", "params": {"mc_samples": 128},
-                              "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
-                              "key": "sigma"},
-    "pacbayes_flatness@keep+128": {
-        "measure": "pacbayes_flatness", "params": {"folded_bn": "keep", "mc_samples": 128},
-        "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20, "folded_bn": "keep"}],
-        "key": "sigma"},
-    "pacbayes_flatness@256": {"measure": "pacbayes_flatness", "params": {"mc_samples": 256},
-                              "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
-                              "key": "sigma"},
-    "pacbayes_flatness@keep": {"measure": "pacbayes_flatness", "params": {"folded_bn": "keep"},
-                               "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20,
-                                         "folded_bn": "keep"}],
-                               "key": "sigma"},
-    "pacbayes_flatness@tol.0025": {"measure": "pacbayes_flatness",
-                                   "params": {"mc_samples": 128, "tol": 0.0025},
-                                   "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
-                                   "key": "sigma"},
-    "pacbayes_flatness@256+tol.0025": {"measure": "pacbayes_flatness",
-                                       "params": {"mc_samples": 256, "tol": 0.0025},
-                                       "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
-                                       "key": "sigma"},
-    "pacbayes_flatness@keep+tol.0025": {
-        "measure": "pacbayes_flatness",
-        "params": {"folded_bn": "keep", "mc_samples": 128, "tol": 0.0025},
-        "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20, "folded_bn": "keep"}],
-        "key": "sigma"},
-    "pacbayes_flatness@keep+256": {
-        "measure": "pacbayes_flatness", "params": {"folded_bn": "keep", "mc_samples": 256},
-        "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20, "folded_bn": "keep"}],
-        "key": "sigma"},
-    "pacbayes_flatness@keep+256+tol.0025": {
-        "measure": "pacbayes_flatness",
-        "params": {"folded_bn": "keep", "mc_samples": 256, "tol": 0.0025},
-        "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20, "folded_bn": "keep"}],
-        "key": "sigma"},
-    "pacbayes_flatness@jiang": {"measure": "pacbayes_flatness",
-                                "params": {"mc_samples": 5, "tol": 0.01, "depth": 10},
-                                "long": [{"mc_samples": 512, "tol": 0.001, "depth": 20}],
-                                "key": "sigma"},
+    "pacbayes_flatness": {"long": [_PACBAYES_LONG], "key": "sigma"},
+    **{f"pacbayes_flatness@{label}": _pacbayes_row(**params) for label, params in (
+        ("64", {"mc_samples": 64}),
+        ("128", {"mc_samples": 128}),
+        ("keep+128", {"folded_bn": "keep", "mc_samples": 128}),
+        ("256", {"mc_samples": 256}),
+        ("keep", {"folded_bn": "keep"}),
+        ("tol.0025", {"mc_samples": 128, "tol": 0.0025}),
+        ("256+tol.0025", {"mc_samples": 256, "tol": 0.0025}),
+        ("keep+tol.0025", {"folded_bn": "keep", "mc_samples": 128, "tol": 0.0025}),
+        ("keep+256", {"folded_bn": "keep", "mc_samples": 256}),
+        ("keep+256+tol.0025", {"folded_bn": "keep", "mc_samples": 256, "tol": 0.0025}),
+        ("jiang", {"mc_samples": 5, "tol": 0.01, "depth": 10}),
+    )},
     "sharpness_worst": {"long": [{"tol": 0.0, "max_steps": 300, "step_fraction": f}
                                  for f in (0.5, 0.2, 0.1, 0.05)], "take": "max"},
     "sharpness_adaptive": {"long": [{"tol": 0.0, "max_steps": 300, "step_fraction": f}
