@@ -172,3 +172,19 @@ def test_select_runs_counts_each_run_once_by_first_rule():
     assert sel.n_runs == 1
     assert sel.excluded == {"status=failed": 1, "training loss not finite": 1,
                             "diverged (final loss >= initial loss)": 1, "not converged": 1}
+
+
+def test_an_old_record_without_initial_loss_is_bounded_by_ln_k():
+    """A train.json from before initial_loss: the runs table carries the data's class count,
+    so a run that ended at loss 7e18 is still left out as diverged (ln 10 < 7e18)."""
+    from convflat.analysis.runs import build_runs_table
+
+    base = {"status": "ok", "converged": True, "dataset": {"num_classes": 10},
+            "stopping": {"target": None}}
+    records = [{**base, "train_loss": 7e18}, {**base, "train_loss": 0.2}]
+    measured = [{"status": "ok", "values": {"conv_trace": 1.0}}] * 2
+    runs = build_runs_table("s", ["a", "b"], {"a": {}, "b": {}}, records, measured)
+    assert runs["num_classes"].tolist() == [10, 10] and runs["initial_loss"].isna().all()
+    sel = select_runs(runs)
+    assert sel.runs["run_id"].tolist() == ["b"]
+    assert sel.excluded == {"diverged (final loss >= initial loss)": 1}

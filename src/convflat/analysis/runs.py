@@ -207,7 +207,8 @@ def build_runs_table(study: str, run_ids: Sequence[str], hps: Mapping[str, Mappi
     ``lr_at_stop`` (the learning rate of the last step), ``loss_target`` (the training-loss
     target, ``train.stop_loss``; empty when the study has none), ``initial_loss`` (the
     training loss before the first step) and ``n_params`` (trainable parameters), both
-    empty for records that predate them, ``train_seconds``,
+    empty for records that predate them, ``num_classes`` (of the run's data: the usable-run
+    rule bounds an old record's final loss by ln K), ``train_seconds``,
     ``measure_seconds``, ``failed_measures`` (``;``-separated) and
     ``error`` (why a run is not ok).
     """
@@ -231,12 +232,13 @@ def build_runs_table(study: str, run_ids: Sequence[str], hps: Mapping[str, Mappi
                     "lr_at_stop": rec.get("lr_at_stop"),
                     "loss_target": stopping.get("target"),
                     "initial_loss": rec.get("initial_loss"), "n_params": rec.get("n_params"),
+                    "num_classes": (rec.get("dataset") or {}).get("num_classes"),
                     "train_seconds": rec.get("seconds"),
                     "measure_seconds": mea.get("seconds"),
                     "failed_measures": ";".join(mea.get("failed") or []), "error": error})
         rows.append(row)
     runs = pd.DataFrame(rows)
-    numeric = [*METRICS, "loss_target", "initial_loss", "n_params"]
+    numeric = [*METRICS, "loss_target", "initial_loss", "n_params", "num_classes"]
     for col in [c for c in runs.columns if c.startswith(MEASURE_PREFIX)] + numeric:
         runs[col] = pd.to_numeric(runs[col], errors="coerce")
     return runs
