@@ -9,9 +9,9 @@ A run is *usable* when its training ended sane and, when asked, at the study's t
    the initialised net before its first step). A net that ends no better than it started
    has diverged whatever its stopping rule says (a run at loss 7e18 with no loss target
    stops at its epoch cap and would otherwise count as converged). Where the record
-   predates ``initial_loss`` the check falls back to ``ln(num_classes)`` (the runs table
-   carries the data's class count), the loss of the
-   uniform prediction, when ``num_classes`` is known, and is skipped otherwise;
+   predates ``initial_loss`` the check falls back to ``ln(num_classes)``, the loss of the
+   uniform prediction (the runs table carries the data's class count), and is skipped
+   when neither is known;
 4. with ``require_converged``: ``converged`` is true (the training-loss target was reached,
    or, in a study without one, the epochs ran out normally).
 
